@@ -1,0 +1,23 @@
+# patchmap: activation-patching heatmaps. `snakemake --cores all` runs every run in the config.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/facts.smk"
+include: "rules/model.smk"
+include: "rules/pairs.smk"
+include: "rules/extract.smk"
+include: "rules/patch.smk"
+include: "rules/divergence.smk"
+include: "rules/plot.smk"
+
+
+rule all:
+    input:
+        expand("results/{run}/{file}", run=config["runs"], file=["heatmap.png", "heatmap.pdf", "divergence.nc"]),
+    default_target: True

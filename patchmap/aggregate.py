@@ -1,0 +1,46 @@
+"""Merge per-site, per-shard metrics into one labelled dataset with means and bootstrap intervals."""
+
+import numpy as np
+import xarray as xr
+from scipy import stats
+
+from .metrics import METRICS
+
+UNITS = {"js": "bits", "kl_patched_target": "bits", "kl_target_patched": "bits",
+         "p_target_answer": "probability", "p_source_answer": "probability", "flip": "1"}
+
+
+def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):
+    """Percentile bootstrap interval of the mean over axis 0, for every other index at once."""
+    if values.shape[0] < 2:
+        mean = values.mean(axis=0)
+        return mean, mean
+    result = stats.bootstrap((values,), np.mean, axis=0, n_resamples=n_resamples, confidence_level=level,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
+def merge_sites(site_datasets, sites, base, seed):
+    """Stack per-site datasets (each example x layer) on a `site` dimension in config order and add
+    js_mean, js_ci_low, js_ci_high and the mean of every other metric."""
+    per_site = [xr.concat(site_datasets[s.name], dim="example") if isinstance(site_datasets[s.name], list)
+                else site_datasets[s.name] for s in sites]
+    ds = xr.concat([d.drop_attrs() for d in per_site], dim="site", join="exact")
+    ds = ds.assign_coords(
+        site=[s.label for s in sites],
+        site_name=("site", [s.name for s in sites]),
+        component=("site", [s.component for s in sites]),
+        positions=("site", [s.positions for s in sites]),
+    ).transpose("example", "site", "layer")
+    unit = "bits" if base == 2 else "nats"
+    for name in METRICS:
+        ds[name].attrs.update(description=METRICS[name], units=unit if UNITS[name] == "bits" else UNITS[name])
+        ds[f"{name}_mean"] = ds[name].astype("float64").mean("example")
+        ds[f"{name}_mean"].attrs.update(description=f"mean over examples of {name}", units=ds[name].attrs["units"])
+    low, high = bootstrap_interval(ds["js"].values.astype(np.float64), seed)
+    ds["js_ci_low"] = (("site", "layer"), np.asarray(low), {"description": "bootstrap 95% interval of js_mean, low end", "units": unit})
+    ds["js_ci_high"] = (("site", "layer"), np.asarray(high), {"description": "bootstrap 95% interval of js_mean, high end", "units": unit})
+    ds["layer"].attrs["description"] = "decoder block index, 0 = first"
+    ds["example"].attrs["description"] = "id of the target fact"
+    ds["site"].attrs["description"] = "row label: a component at a group of token positions"
+    return ds

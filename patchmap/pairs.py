@@ -1,0 +1,140 @@
+"""Pairs: tokenise facts, find subjects, record baseline predictions, and choose swap partners."""
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .data import subject_token_span
+from .engine import last_logprobs, pad_batch
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+PAD = -1  # padding in stored token-id arrays
+
+
+def answer_token_id(tokenizer, prompt_ids, full_ids, attribute):
+    """First token of the attribute as the model sees it after the prompt."""
+    if full_ids[:len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return full_ids[len(prompt_ids)]
+    return tokenizer(" " + attribute, add_special_tokens=False)["input_ids"][0]
+
+
+def encode_facts(tokenizer, facts, missing_subject="drop"):
+    """Token ids, subject span and answer token of each fact; facts whose subject is not in the
+    prompt are dropped (and counted) or fatal, as the config says."""
+    enc = tokenizer([f["prompt"] for f in facts], return_offsets_mapping=True)
+    full = tokenizer([f["prompt"] + " " + f["attribute"] for f in facts])["input_ids"]
+    encoded, missing = [], []
+    for fact, ids, offsets, full_ids in zip(facts, enc["input_ids"], enc["offset_mapping"], full):
+        span = subject_token_span(fact["prompt"], fact["subject"], offsets)
+        if span is None:
+            if missing_subject == "error":
+                raise UserError(f"fact {fact['id']}: subject '{fact['subject']}' does not occur in its "
+                                f"prompt '{fact['prompt']}'")
+            missing.append(fact["id"])
+            continue
+        encoded.append({**fact, "ids": list(ids), "span": span,
+                        "answer": answer_token_id(tokenizer, list(ids), list(full_ids), fact["attribute"])})
+    if missing:
+        log.warning("dropped %d facts whose subject does not occur in the prompt (first: %s)",
+                    len(missing), ", ".join(missing[:5]))
+    return encoded, len(missing)
+
+
+@torch.no_grad()
+def baseline_predictions(model, encoded, pad_id, batch_size):
+    """Top-1 token and probability of the answer for each unpatched prompt."""
+    device = next(model.parameters()).device
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        ids, mask, pos, lengths = pad_batch([f["ids"] for f in chunk], pad_id, device)
+        logprobs = last_logprobs(model, ids, mask, pos, lengths, " in a baseline (unpatched) run")
+        answers = torch.tensor([f["answer"] for f in chunk], device=device)
+        p_answer = logprobs[torch.arange(len(chunk), device=device), answers].exp()
+        for f, top, p in zip(chunk, logprobs.argmax(-1).tolist(), p_answer.tolist()):
+            f["top1"], f["p_answer"] = top, p
+
+
+def swap_partners(encoded, examples, seed):
+    """Pair targets with sources of the same relation, token length and subject span, and another
+    answer token: positions then line up one to one. Deterministic given the seed."""
+    rng = np.random.default_rng(seed)
+    groups = defaultdict(list)
+    for i, f in enumerate(encoded):
+        groups[(f["relation"], len(f["ids"]), f["span"])].append(i)
+    pairs, no_partner = [], 0
+    for i in rng.permutation(len(encoded)):
+        f = encoded[i]
+        candidates = [j for j in groups[(f["relation"], len(f["ids"]), f["span"])]
+                      if encoded[j]["answer"] != f["answer"]]
+        if not candidates:
+            no_partner += 1
+            continue
+        pairs.append((int(i), int(candidates[rng.integers(len(candidates))])))
+        if len(pairs) == examples:
+            break
+    return pairs, no_partner
+
+
+def _padded(rows, width):
+    out = np.full((len(rows), width), PAD, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing_subject="drop",
+               batch_size=32, intervention="swap"):
+    """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts."""
+    if intervention != "swap":
+        raise UserError(f"intervention '{intervention}' is not implemented yet; available: swap")
+    encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
+    baseline_predictions(model, encoded, tokenizer.pad_token_id, batch_size)
+    known = [f for f in encoded if f["top1"] == f["answer"]] if known_only else encoded
+    pairs, no_partner = swap_partners(known, examples, seed)
+    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing,
+              "dropped_not_known": len(encoded) - len(known), "dropped_no_partner": no_partner,
+              "pairs": len(pairs), "examples_requested": examples}
+    log.info("pairs: %s", counts)
+    if not pairs:
+        raise UserError(f"no pairs left after filtering and pairing ({counts}); use more facts, "
+                        "or set known_only: false for a model that does not know them")
+    targets = [known[i] for i, _ in pairs]
+    sources = [known[j] for _, j in pairs]
+    width = max(len(f["ids"]) for f in targets)
+    ex = ("example",)
+    data = {
+        "target_ids": (("example", "token"), _padded([f["ids"] for f in targets], width)),
+        "source_ids": (("example", "token"), _padded([f["ids"] for f in sources], width)),
+        "length": (ex, np.array([len(f["ids"]) for f in targets], dtype=np.int32)),
+        "subject_start": (ex, np.array([f["span"][0] for f in targets], dtype=np.int32)),
+        "subject_end": (ex, np.array([f["span"][1] for f in targets], dtype=np.int32)),
+    }
+    for role, rows in (("target", targets), ("source", sources)):
+        data[f"{role}_answer"] = (ex, np.array([f["answer"] for f in rows], dtype=np.int64))
+        data[f"{role}_top1"] = (ex, np.array([f["top1"] for f in rows], dtype=np.int64))
+        data[f"{role}_p_answer"] = (ex, np.array([f["p_answer"] for f in rows], dtype=np.float32))
+        for field in ("id", "prompt", "subject", "attribute"):
+            data[f"{role}_{field}"] = (ex, np.array([f[field] for f in rows], dtype=object))
+    data["relation"] = (ex, np.array([f["relation"] for f in targets], dtype=object))
+    ds = xr.Dataset(data, coords={"example": [f["id"] for f in targets]})
+    ds.attrs.update({f"count_{k}": v for k, v in counts.items()})
+    ds.attrs.update({"intervention": intervention, "seed": seed, "known_only": int(known_only),
+                     "token_padding": PAD})
+    ds["target_ids"].attrs["description"] = "token ids of the target prompt, padded with -1"
+    ds["source_ids"].attrs["description"] = "token ids of the source prompt, padded with -1"
+    ds["subject_start"].attrs["description"] = "first subject token (same in target and source)"
+    ds["subject_end"].attrs["description"] = "one past the last subject token"
+    return ds
+
+
+def shard_bounds(n_examples, shard_size, shard):
+    start = shard * shard_size
+    return min(start, n_examples), min(start + shard_size, n_examples)
+
+
+def token_lists(ds, variable):
+    return [row[:n].tolist() for row, n in zip(ds[variable].values, ds["length"].values)]

@@ -1,0 +1,94 @@
+"""The extract and patch stages on in-memory objects: the workflow and the Python API both call these."""
+
+import logging
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .engine import capture, pad_batch, patch_batch
+from .metrics import METRICS
+from .pairs import token_lists
+from .sites import positions
+
+log = logging.getLogger(__name__)
+
+
+def site_positions(ds, site):
+    """Token positions of `site` in each example (identical in target and source)."""
+    return [positions(site.positions, int(n), int(a), int(b))
+            for n, a, b in zip(ds["length"].values, ds["subject_start"].values, ds["subject_end"].values)]
+
+
+def _batches(n, batch_size):
+    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def extract_activations(model, pairs, sites, layers, batch_size, pad_id, progress=True):
+    """Source activations at each site's positions, every layer: one [example, layer, slot, hidden]
+    array per site (slot = index within the position group; NaN past a group's end)."""
+    device = next(model.parameters()).device
+    sources = token_lists(pairs, "source_ids")
+    components = sorted({s.component for s in sites})
+    pos = {s.name: site_positions(pairs, s) for s in sites}
+    n, hidden = len(sources), model.config.hidden_size
+    out = {s.name: np.full((n, len(layers), max((len(p) for p in pos[s.name]), default=0), hidden),
+                           np.nan, dtype=np.float32) for s in sites}
+    for a, b in tqdm(_batches(n, batch_size), desc="extract", unit="batch", disable=not progress):
+        ids, mask, position_ids, lengths = pad_batch(sources[a:b], pad_id, device)
+        store, _ = capture(model, ids, mask, position_ids, lengths, components, layers)
+        for s in sites:
+            for li, layer in enumerate(layers):
+                act = store[(s.component, layer)].float().cpu().numpy()
+                for i, ps in enumerate(pos[s.name][a:b]):
+                    out[s.name][a + i, li, :len(ps)] = act[i, ps]
+    data, coords = {}, {"example": pairs["example"].values, "layer": np.asarray(layers)}
+    for s in sites:
+        slots = out[s.name].shape[2]
+        idx = np.full((n, slots), -1, dtype=np.int32)
+        for i, ps in enumerate(pos[s.name]):
+            idx[i, :len(ps)] = ps
+        data[f"act_{s.name}"] = (("example", "layer", f"slot_{s.name}", "hidden"), out[s.name],
+                                 {"site": s.label, "component": s.component, "positions": s.positions,
+                                  "description": "source activation at the site's positions"})
+        data[f"pos_{s.name}"] = (("example", f"slot_{s.name}"), idx,
+                                 {"description": "token position of each slot; -1 = unused"})
+    return xr.Dataset(data, coords=coords)
+
+
+def _source_values(acts, site, layers, pos, width, hidden, a, b):
+    """[B, T, H] tensors per layer with the source activation at each example's site positions."""
+    arr = acts[f"act_{site.name}"].values[a:b]  # [B, layer, slot, H]
+    values = {}
+    for li, layer in enumerate(layers):
+        v = torch.zeros(b - a, width, hidden)
+        for i, ps in enumerate(pos[a:b]):
+            v[i, ps] = torch.from_numpy(arr[i, li, :len(ps)])
+        values[layer] = v
+    return values
+
+
+@torch.no_grad()
+def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, progress=True):
+    """Per-example metrics [example, layer] for one site: the source activation patched into the target."""
+    targets = token_lists(pairs, "target_ids")
+    pos = site_positions(pairs, site)
+    n, hidden = len(targets), model.config.hidden_size
+    results = {k: [] for k in METRICS}
+    for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):
+        width = max(len(t) for t in targets[a:b])
+        values = _source_values(acts, site, layers, pos, width, hidden, a, b)
+        metrics = patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
+                              pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
+                              pad_id, base)
+        for k, v in metrics.items():
+            results[k].append(v.numpy())
+    dims = ("example", "layer")
+    data = {k: (dims, np.concatenate(v) if v else np.zeros((0, len(layers)), np.float32), {"description": METRICS[k]})
+            for k, v in results.items()}
+    ds = xr.Dataset(data, coords={"example": pairs["example"].values, "layer": np.asarray(layers)})
+    ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
+                     "positions": site.positions, "js_base": base})
+    return ds

@@ -1,0 +1,51 @@
+"""What a result was made from: model, data, config and software, as netCDF attributes."""
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import yaml
+
+PACKAGES = ("patchmap", "torch", "transformers", "tokenizers", "numpy", "xarray", "netCDF4", "scipy", "snakemake")
+
+
+def package_versions():
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return found
+
+
+def run_config_yaml(config, run_name):
+    """The part of the config that one run uses, as YAML: the run, its model, dataset and sites."""
+    run = config["runs"][run_name]
+    used = {"run": {run_name: run}, "model": {run["model"]: config["models"][run["model"]]},
+            "dataset": {run["dataset"]: config["datasets"][run["dataset"]]},
+            "sites": {s: config["sites"][s] for s in run["sites"]}}
+    return yaml.safe_dump(used, sort_keys=False)
+
+
+def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, dataset_source):
+    run = config["runs"][run_name]
+    model = config["models"][run["model"]]
+    attrs = {
+        "title": f"patchmap run '{run_name}': activation patching, {run['intervention']}",
+        "run": run_name,
+        "model": run["model"],
+        "model_source": model_source,
+        "model_revision": model.get("revision") or "",
+        "model_weights_sha256": weights_sha256 or "",
+        "dataset": run["dataset"],
+        "dataset_source": dataset_source,
+        "dataset_sha256": dataset_sha256,
+        "intervention": run["intervention"],
+        "js_base": str(run["js_base"]),
+        "seed": run["seed"],
+        "dtype": run["dtype"],
+        "config_yaml": run_config_yaml(config, run_name),
+    }
+    attrs.update({f"version_{k}": v for k, v in package_versions().items()})
+    return attrs

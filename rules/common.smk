@@ -1,0 +1,39 @@
+# Config validation (schema + cross-references) and the small functions the rules share.
+import re
+import sys
+
+from patchmap import config as cfg
+from patchmap.errors import UserError
+
+try:
+    cfg.validate(config)
+except UserError as error:
+    sys.exit(f"patchmap: {error}")
+
+
+wildcard_constraints:
+    run="|".join(map(re.escape, config["runs"])),
+    model="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    shard=r"\d+",
+    site="[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+def run_of(wildcards):
+    return config["runs"][wildcards.run]
+
+
+def model_input(wildcards):
+    """The trained model directory for a built-in model; nothing for a checkpoint given by path."""
+    name = run_of(wildcards)["model"]
+    return cfg.model_dir(config, name) if "builtin" in config["models"][name] else []
+
+
+def shards(run):
+    return range(cfg.shard_count(config["runs"][run]))
+
+
+def patch_files(wildcards):
+    return {
+        site: expand("results/{run}/patch/{site}/{shard}.nc", run=wildcards.run, site=site, shard=shards(wildcards.run))
+        for site in run_of(wildcards)["sites"]
+    }

@@ -1,0 +1,16 @@
+rule divergence:
+    input:
+        unpack(patch_files),
+        pairs="results/{run}/pairs.nc",
+    output:
+        "results/{run}/divergence.nc",
+    params:
+        run=run_of,
+    log:
+        "results/{run}/logs/divergence.log",
+    benchmark:
+        "results/{run}/benchmarks/divergence.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/divergence.py"

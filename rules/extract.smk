@@ -1,0 +1,17 @@
+rule extract:
+    input:
+        pairs="results/{run}/pairs.nc",
+        model=model_input,
+    output:
+        "results/{run}/activations/{shard}.nc",
+    params:
+        run=run_of,
+        sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
+    log:
+        "results/{run}/logs/extract/{shard}.log",
+    benchmark:
+        "results/{run}/benchmarks/extract/{shard}.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/extract.py"

@@ -1,0 +1,16 @@
+rule pairs:
+    input:
+        facts="results/{run}/facts.jsonl",
+        model=model_input,
+    output:
+        "results/{run}/pairs.nc",
+    params:
+        run=run_of,
+    log:
+        "results/{run}/logs/pairs.log",
+    benchmark:
+        "results/{run}/benchmarks/pairs.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/pairs.py"

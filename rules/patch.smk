@@ -1,0 +1,18 @@
+rule patch:
+    input:
+        pairs="results/{run}/pairs.nc",
+        activations="results/{run}/activations/{shard}.nc",
+        model=model_input,
+    output:
+        "results/{run}/patch/{site}/{shard}.nc",
+    params:
+        run=run_of,
+        site=lambda w: config["sites"][w.site],
+    log:
+        "results/{run}/logs/patch/{site}/{shard}.log",
+    benchmark:
+        "results/{run}/benchmarks/patch/{site}/{shard}.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/patch.py"

@@ -1,0 +1,28 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from patchmap import models, synthetic
+from patchmap.builtin import llama_config, word_tokenizer
+
+
+@pytest.fixture(scope="session")
+def world():
+    return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, world):
+    """A random-weight Llama with a word-level tokenizer, saved and loaded like any checkpoint."""
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(synthetic.vocabulary(world))
+    model = LlamaForCausalLM(llama_config(tokenizer, layers=3, hidden=32, heads=4, mlp=64))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    return models.load(str(tiny_model_dir))
