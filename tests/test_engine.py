@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from patchmap import models, patching, synthetic
+from patchmap.api import patch_heatmap
+from patchmap.engine import capture, pad_batch, patched_logprobs, position_mask
+from patchmap.errors import UserError
+from patchmap.pairs import make_pairs, token_lists
+from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+
+ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model, world):
+    model, tokenizer = tiny_model
+    return make_pairs(model, tokenizer, synthetic.facts(world), examples=10, seed=0, known_only=False)
+
+
+def self_pairs(pairs):
+    """Each target as its own source."""
+    ds = pairs.copy()
+    ds["source_ids"] = ds["target_ids"]
+    ds["source_answer"] = ds["target_answer"]
+    return ds
+
+
+def run_sites(model, tokenizer, pairs, sites, batch_size=4):
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
+    return {s.name: patching.patch_site(model, pairs, acts, s, layers, batch_size, tokenizer.pad_token_id,
+                                        progress=False) for s in sites}
+
+
+def test_pairs_line_up(pairs):
+    assert pairs.sizes["example"] == 10
+    t, s = token_lists(pairs, "target_ids"), token_lists(pairs, "source_ids")
+    assert all(len(a) == len(b) for a, b in zip(t, s))
+    assert (pairs["target_answer"] != pairs["source_answer"]).all()
+    for a, b, start, end in zip(t, s, pairs["subject_start"].values, pairs["subject_end"].values):
+        assert end - start == 3 and a[start:end] != b[start:end]
+
+
+def test_patching_the_targets_own_activation_changes_nothing(tiny_model, pairs):
+    model, tokenizer = tiny_model
+    results = run_sites(model, tokenizer, self_pairs(pairs), ALL_SITES)
+    for name, ds in results.items():
+        assert (ds["js"].values == 0).all(), name
+        assert (ds["kl_patched_target"].values == 0).all(), name
+
+
+def test_patching_every_position_at_the_last_layer_gives_the_source_distribution(tiny_model, pairs):
+    model, tokenizer = tiny_model
+    last = models.n_layers(model) - 1
+    ids, mask, pos, lengths = pad_batch(token_lists(pairs, "target_ids"), tokenizer.pad_token_id, "cpu")
+    src = pad_batch(token_lists(pairs, "source_ids"), tokenizer.pad_token_id, "cpu")
+    store, source_logprobs = capture(model, *src, ["resid"], [last])
+    everywhere = position_mask([list(range(n)) for n in lengths.tolist()], ids.shape[1], "cpu")
+    patched = patched_logprobs(model, "resid", last, ids, mask, pos, lengths, everywhere, store[("resid", last)])
+    torch.testing.assert_close(patched, source_logprobs, atol=1e-5, rtol=0)
+    # and through the stages: JS against the target equals JS between source and target
+    site = Site("all", "All", "resid", "all")
+    ds = run_sites(model, tokenizer, pairs, [site])["all"]
+    assert ds["flip"].sel(layer=last).values.mean() == (source_logprobs.argmax(-1) == torch.as_tensor(
+        pairs["source_answer"].values)).float().mean().item()
+
+
+def test_batching_with_padding_equals_one_at_a_time(tiny_model, world):
+    model, tokenizer = tiny_model
+    facts = synthetic.facts(world)
+    pairs = make_pairs(model, tokenizer, facts, examples=12, seed=1, known_only=False)
+    assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
+    together = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=12)
+    alone = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=1)
+    for name in together:
+        for metric in ("js", "kl_patched_target", "p_source_answer"):
+            np.testing.assert_allclose(together[name][metric].values, alone[name][metric].values, atol=2e-6)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, is_decoder=True))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported model architecture 'bert'; supported: .*llama"):
+        models.load(str(tmp_path))
+
+
+def test_missing_model_path_is_reported(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load(str(tmp_path / "nowhere"))
+
+
+def test_api_returns_the_workflow_dataset(tiny_model, world):
+    model, tokenizer = tiny_model
+    ds = patch_heatmap(model, tokenizer, synthetic.facts(world), examples=8, known_only=False, progress=False)
+    assert isinstance(ds, xr.Dataset)
+    assert ds["js"].dims == ("example", "site", "layer")
+    assert list(ds["site"].values) == ["Subj.", "Attn.", "Last."]
+    assert ds.sizes == {"example": 8, "site": 3, "layer": models.n_layers(model)}
+    assert ((ds["js_ci_low"] <= ds["js_mean"] + 1e-12) & (ds["js_mean"] <= ds["js_ci_high"] + 1e-12)).all()
+    assert float(ds["js"].min()) >= 0 and float(ds["js"].max()) <= 1
