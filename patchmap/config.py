@@ -1,5 +1,6 @@
 """Load and check the workflow config: JSON Schema first (with defaults filled in), then cross-references."""
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -21,14 +22,10 @@ def _with_defaults(validator_class):
         if isinstance(instance, dict):
             for name, sub in props.items():
                 if "default" in sub and name not in instance:
-                    instance[name] = _copy(sub["default"])
+                    instance[name] = copy.deepcopy(sub["default"])
         yield from check_properties(validator, props, instance, schema)
 
     return validators.extend(validator_class, {"properties": properties})
-
-
-def _copy(value):
-    return yaml.safe_load(yaml.safe_dump(value))
 
 
 def _key_path(error):

@@ -1,5 +1,6 @@
 """The workflow end to end through the `snakemake` command, on a tiny config in a temporary directory."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_second_run_has_nothing_to_do(finished_run):
      "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']"),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, change, message):
-    config = yaml.safe_load(yaml.safe_dump(TINY))
+    config = copy.deepcopy(TINY)
     change(config)
     write_config(tmp_path, config)
     result = snakemake(tmp_path, "--dry-run")
