@@ -34,11 +34,10 @@ def _key_path(error):
 
 def _describe(error):
     """One line: where, what is wrong, and what is allowed."""
+    if error.validator == "oneOf" and all(set(c) == {"required"} for c in error.validator_value):
+        options = " or ".join("'" + "/".join(c["required"]) + "'" for c in error.validator_value)
+        return f"config error at {_key_path(error)}: give exactly one of {options}"
     if error.validator == "oneOf" and error.context:
-        required = [c.schema.get("required") for c in error.context if c.validator == "required"]
-        if required:
-            options = " or ".join("'" + "/".join(r) + "'" for r in required if r)
-            return f"config error at {_key_path(error)}: give exactly one of {options}"
         deepest = max(error.context, key=lambda e: len(list(e.absolute_path)))
         if len(list(deepest.absolute_path)) > len(list(error.absolute_path)):
             return _describe(deepest)
@@ -47,8 +46,6 @@ def _describe(error):
     message = error.message
     if error.validator == "pattern":
         message += f" ({error.schema.get('description', 'wrong format')})"
-    if error.validator == "propertyNames":
-        message = f"name {error.instance!r} is not allowed: use letters, digits, '_', '.' and '-'"
     return f"config error at {_key_path(error)}: {message}"
 
 

@@ -77,8 +77,16 @@ def _looks_local(name):
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.startswith("results/")
 
 
-def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code=False):
-    """Model and tokenizer from a hub id or a local directory, through `from_pretrained`."""
+def check_fast_tokenizer(tokenizer, source):
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer of '{source}' is a slow tokenizer without offset mappings; "
+                        "patchmap needs a fast tokenizer (tokenizer.json)")
+
+
+def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False):
+    """Model and tokenizer from a hub id or a local directory, through `from_pretrained`.
+
+    Weights load from safetensors; pickled weights (.bin) only when `allow_pickle` says so."""
     device = resolve_device(device)
     if _looks_local(source) and not Path(source).expanduser().is_dir():
         raise UserError(f"model path '{source}' does not exist (or is not a directory)")
@@ -87,12 +95,17 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
     if config.model_type not in LAYOUTS:
         raise UserError(f"unsupported model architecture '{config.model_type}'; supported: "
                         + ", ".join(sorted(LAYOUTS)))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=None, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                     use_safetensors=None if allow_pickle else True, **kwargs)
+    except OSError as e:
+        if not allow_pickle and "safetensors" in str(e).lower():
+            raise UserError(f"model '{source}' has no safetensors weights; set allow_pickle: true for it in "
+                            "the config to load pickled (.bin) weights from a source you trust") from None
+        raise
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if not tokenizer.is_fast:
-        raise UserError(f"the tokenizer of '{source}' is a slow tokenizer without offset mappings; "
-                        "patchmap needs a fast tokenizer (tokenizer.json)")
+    check_fast_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -67,7 +67,8 @@ def load_run_model(config, run_name):
     model_cfg = config["models"][run["model"]]
     return models.load(cfg.model_dir(config, run["model"]), revision=model_cfg.get("revision"),
                        dtype=run["dtype"], device=run["device"],
-                       trust_remote_code=model_cfg.get("trust_remote_code", False))
+                       trust_remote_code=model_cfg.get("trust_remote_code", False),
+                       allow_pickle=model_cfg.get("allow_pickle", False))
 
 
 def make_pairs_file(config, run_name, facts_path, out):
@@ -103,6 +104,8 @@ def patch(config, run_name, site_name, pairs_path, acts_path, shard, out):
     site = next(s for s in cfg.run_sites(config, run_name) if s.name == site_name)
     pairs = _shard(pairs_path, run, shard)
     acts = xr.load_dataset(acts_path)
+    log.info("patching site %s (%s@%s), shard %s: %d examples x %d layers", site.label, site.component,
+             site.positions, shard, pairs.sizes["example"], len(layers))
     ds = patching.patch_site(model, pairs, acts, site, layers, run["batch_size"], tokenizer.pad_token_id,
                              cfg.js_base(run))
     write_netcdf(ds, out)

@@ -13,11 +13,18 @@ def _umask():
     return mask
 
 
+def _remove_leftovers(path):
+    """Temporary files of an earlier writer of `path` that was killed before it could clean up."""
+    for old in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary file name beside `path`; move it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -34,6 +41,7 @@ def atomic_directory(path):
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         yield tmp

@@ -1,38 +1,12 @@
 """The workflow end to end through the `snakemake` command, on a tiny config in a temporary directory."""
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-
-TINY = {
-    "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
-                                    "train": {"max_steps": 20, "batch_size": 16, "eval_every": 10}}}},
-    "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
-    "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
-              "attn": {"label": "Attn.", "component": "attn", "positions": "last"},
-              "mlp": {"label": "MLP rel.", "component": "mlp", "positions": "relation"}},
-    "runs": {"tiny": {"model": "tiny", "dataset": "tiny-facts", "sites": ["subj", "attn", "mlp"],
-                      "examples": 12, "shard_size": 5, "batch_size": 4, "known_only": False}},
-}
-
-
-def snakemake(workdir, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "--directory", str(workdir), "--cores", "2", *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def write_config(workdir, config):
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+from workflow_utils import TINY, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
