@@ -23,7 +23,7 @@ DEFAULT_SITES = {
 
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
-                  js_base=2, known_only=True, intervention="swap", progress=True):
+                  js_base=2, known_only=True, intervention="swap", noise_scale=3.0, progress=True):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ..."""
     sites = [s if isinstance(s, Site) else Site.from_config(name, s)
@@ -31,7 +31,7 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     base = math.e if js_base == "e" else float(js_base)
     layers = resolve_layers(layers, models.n_layers(model))
     pairs = make_pairs(model, tokenizer, facts, examples, seed, known_only, batch_size=batch_size,
-                       intervention=intervention)
+                       intervention=intervention, noise_scale=noise_scale)
     acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, progress)
     per_site = {s.name: patching.patch_site(model, pairs, acts, s, layers, batch_size, tokenizer.pad_token_id,
                                             base, progress) for s in sites}

@@ -53,6 +53,18 @@ def replace_hook(mask, values):
     return hook
 
 
+def add_hook(delta):
+    """Add `delta` [B, T, H] to a module's output (the noise intervention, on the input embeddings)."""
+    def hook(module, args, output):
+        hidden = _output_tensor(output)
+        return _with_tensor(output, hidden + delta.to(hidden.dtype))
+    return hook
+
+
+def noise_hooks(model, target_noise):
+    return [] if target_noise is None else [(model.get_input_embeddings(), add_hook(target_noise))]
+
+
 def capture_hook(store, key):
     def hook(module, args, output):
         store[key] = _output_tensor(output).detach()
@@ -95,15 +107,24 @@ def position_mask(position_lists, width, device):
 
 @torch.no_grad()
 def patch_batch(model, site, layers, target_ids, position_lists, source_values, target_answer,
-                source_answer, pad_id, base=2.0):
+                source_answer, pad_id, base=2.0, target_noise=None):
     """Metrics for one batch of examples at one site, every layer in `layers`.
 
     `source_values[layer]` is a [B, T, H] tensor holding the source activation at each example's
-    positions (anything elsewhere). Returns {metric: [B, len(layers)]} on the CPU.
+    positions (anything elsewhere). `target_noise` [B, T, H], if given, is added to the target's input
+    embeddings in every target run, patched or not. Returns {metric: [B, len(layers)]} on the CPU.
     """
     device = next(model.parameters()).device
     ids, mask, pos, lengths = pad_batch(target_ids, pad_id, device)
     patch_mask = position_mask(position_lists, ids.shape[1], device)
+    with hooks(noise_hooks(model, target_noise)):
+        return _patch_layers(model, site, layers, ids, mask, pos, lengths, patch_mask, source_values,
+                             target_answer, source_answer, base)
+
+
+def _patch_layers(model, site, layers, ids, mask, pos, lengths, patch_mask, source_values, target_answer,
+                  source_answer, base):
+    device = ids.device
     target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
     target_answer = torch.as_tensor(target_answer, device=device)
     source_answer = torch.as_tensor(source_answer, device=device)

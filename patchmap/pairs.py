@@ -79,6 +79,20 @@ def swap_partners(encoded, examples, seed):
     return pairs, no_partner
 
 
+def noise_partners(encoded, examples, seed):
+    """The noise intervention: each fact is its own (clean) source; a seeded choice of facts."""
+    order = np.random.default_rng(seed).permutation(len(encoded))[:examples]
+    return [(int(i), int(i)) for i in order], 0
+
+
+@torch.no_grad()
+def subject_embedding_std(model, encoded):
+    """Standard deviation of the input embeddings of every subject token in the facts (ROME's scale)."""
+    ids = torch.tensor([t for f in encoded for t in f["ids"][f["span"][0]:f["span"][1]]],
+                       device=next(model.parameters()).device)
+    return model.get_input_embeddings()(ids).float().std().item()
+
+
 def _padded(rows, width):
     out = np.full((len(rows), width), PAD, dtype=np.int32)
     for i, r in enumerate(rows):
@@ -86,15 +100,22 @@ def _padded(rows, width):
     return out
 
 
+INTERVENTIONS = {"swap": swap_partners, "noise": noise_partners}
+
+
 def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing_subject="drop",
-               batch_size=32, intervention="swap"):
-    """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts."""
-    if intervention != "swap":
-        raise UserError(f"intervention '{intervention}' is not implemented yet; available: swap")
+               batch_size=32, intervention="swap", noise_scale=3.0):
+    """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts.
+
+    `swap`: the source is another fact (see swap_partners). `noise`: the source is the clean prompt and
+    the target the same prompt with Gaussian noise of `noise_scale` times the subject embeddings' std
+    added to its subject embeddings (the noise itself is drawn from per-example seeds stored here)."""
+    if intervention not in INTERVENTIONS:
+        raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
     encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
     baseline_predictions(model, encoded, tokenizer.pad_token_id, batch_size)
     known = [f for f in encoded if f["top1"] == f["answer"]] if known_only else encoded
-    pairs, no_partner = swap_partners(known, examples, seed)
+    pairs, no_partner = INTERVENTIONS[intervention](known, examples, seed)
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing,
               "dropped_not_known": len(encoded) - len(known), "dropped_no_partner": no_partner,
               "pairs": len(pairs), "examples_requested": examples}
@@ -124,6 +145,12 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     ds.attrs.update({f"count_{k}": v for k, v in counts.items()})
     ds.attrs.update({"intervention": intervention, "seed": seed, "known_only": int(known_only),
                      "token_padding": PAD})
+    if intervention == "noise":
+        std = subject_embedding_std(model, known)
+        ds["noise_seed"] = (ex, np.random.default_rng(seed).integers(2**62, size=len(pairs)),
+                            {"description": "seed of the Gaussian noise added to this target's subject embeddings"})
+        ds.attrs.update({"noise_scale": float(noise_scale), "subject_embedding_std": std,
+                         "noise_std": float(noise_scale) * std})
     ds["target_ids"].attrs["description"] = "token ids of the target prompt, padded with -1"
     ds["source_ids"].attrs["description"] = "token ids of the source prompt, padded with -1"
     ds["subject_start"].attrs["description"] = "first subject token (same in target and source)"

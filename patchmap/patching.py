@@ -70,6 +70,18 @@ def _source_values(acts, site, layers, pos, width, hidden, a, b):
     return values
 
 
+def target_noise(pairs, a, b, width, hidden):
+    """[B, T, H] Gaussian noise at the subject positions of examples a..b (noise intervention), else None."""
+    if pairs.attrs.get("intervention") != "noise":
+        return None
+    noise = torch.zeros(b - a, width, hidden)
+    for i in range(a, b):
+        start, end = int(pairs["subject_start"].values[i]), int(pairs["subject_end"].values[i])
+        generator = torch.Generator().manual_seed(int(pairs["noise_seed"].values[i]))
+        noise[i - a, start:end] = torch.randn(end - start, hidden, generator=generator) * pairs.attrs["noise_std"]
+    return noise.to(torch.float32)
+
+
 @torch.no_grad()
 def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, progress=True):
     """Per-example metrics [example, layer] for one site: the source activation patched into the target."""
@@ -80,9 +92,10 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
     for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):
         width = max(len(t) for t in targets[a:b])
         values = _source_values(acts, site, layers, pos, width, hidden, a, b)
+        noise = target_noise(pairs, a, b, width, hidden)
         metrics = patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
                               pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
-                              pad_id, base)
+                              pad_id, base, None if noise is None else noise.to(next(model.parameters()).device))
         for k, v in metrics.items():
             results[k].append(v.numpy())
     dims = ("example", "layer")

@@ -1,9 +1,15 @@
-"""Sites: a component (resid, attn, mlp) at a group of token positions."""
+"""Sites: a component (resid, attn, mlp) at a group of token positions.
+
+The groups: the subject (all of it, or ROME's token roles: its first, middle and last token), the
+tokens after it (`relation` = all of them up to the last; ROME's first subsequent token and further
+tokens), the last token, and every token. A group may be empty for a prompt (no middle in a 2-token
+subject); patching an empty group changes nothing."""
 
 from dataclasses import dataclass
 
 COMPONENTS = ("resid", "attn", "mlp")
-POSITION_GROUPS = ("subject", "subject_last", "last", "relation", "all")
+POSITION_GROUPS = ("subject", "subject_first", "subject_middle", "subject_last", "after_subject_first",
+                   "after_subject_further", "relation", "last", "all")
 
 
 @dataclass(frozen=True)
@@ -22,8 +28,16 @@ def positions(group, length, subject_start, subject_end):
     """Token indices of a position group in a prompt of `length` tokens with subject [start, end)."""
     if group == "subject":
         return list(range(subject_start, subject_end))
+    if group == "subject_first":
+        return [subject_start]
+    if group == "subject_middle":
+        return list(range(subject_start + 1, subject_end - 1))
     if group == "subject_last":
         return [subject_end - 1]
+    if group == "after_subject_first":  # ROME's "first subsequent token"
+        return [subject_end] if subject_end < length - 1 else []
+    if group == "after_subject_further":  # ROME's "further tokens", before the last
+        return list(range(subject_end + 1, length - 1))
     if group == "last":
         return [length - 1]
     if group == "relation":

@@ -76,7 +76,7 @@ def make_pairs_file(config, run_name, facts_path, out):
     model, tokenizer = load_run_model(config, run_name)
     facts = data.load_jsonl(facts_path)
     ds = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
-                    run["missing_subject"], run["batch_size"], run["intervention"])
+                    run["missing_subject"], run["batch_size"], run["intervention"], run["noise_scale"])
     ds.attrs["dataset_sha256"] = data.sha256_file(facts_path)
     write_netcdf(ds, out)
 

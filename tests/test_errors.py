@@ -95,7 +95,7 @@ def test_missing_or_empty_fields(tmp_path, row, field):
 def test_unknown_component_and_position_group():
     assert error_of(with_change(["sites", "subj", "component"], "residual")) == (
         "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']")
-    assert "config error at sites.last.positions: 'final' is not one of ['subject', 'subject_last', 'last'" in \
+    assert "config error at sites.last.positions: 'final' is not one of ['subject', 'subject_first'" in \
         error_of(with_change(["sites", "last", "positions"], "final"))
 
 
