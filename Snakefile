@@ -12,6 +12,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/download.smk"
 include: "rules/facts.smk"
 include: "rules/model.smk"
 include: "rules/pairs.smk"
@@ -21,7 +22,15 @@ include: "rules/divergence.smk"
 include: "rules/plot.smk"
 
 
+report: "report/workflow.rst"
+
+
 rule all:
     input:
-        expand("results/{run}/{file}", run=config["runs"], file=["heatmap.png", "heatmap.pdf", "divergence.nc"]),
+        expand(
+            "results/{run}/{file}",
+            run=config["runs"],
+            file=["divergence.nc", "heatmap.png", "heatmap.pdf", "lines.png", "lines.pdf"],
+        ),
+        expand("results/figures/{figure}.{ext}", figure=config["figures"], ext=["png", "pdf"]),
     default_target: True

@@ -77,6 +77,11 @@ def check_references(config):
         if world is not None and "synthetic" not in config["datasets"].get(world, {}):
             raise UserError(f"config error at models.{name}.builtin.dataset: '{world}' is not a synthetic "
                             f"dataset; synthetic datasets: {_names(config, 'datasets', 'synthetic')}")
+    for name, figure in config.get("figures", {}).items():
+        for run in figure["runs"]:
+            if run not in config["runs"]:
+                raise UserError(f"config error at figures.{name}.runs: run '{run}' is not defined; defined runs: "
+                                + ", ".join(config["runs"]))
     labels = {}
     for name, site in config["sites"].items():
         label = site.get("label", name)
@@ -122,6 +127,15 @@ def shard_count(run):
 
 def js_base(run):
     return math.e if run["js_base"] == "e" else float(run["js_base"])
+
+
+def dataset_file(config, dataset_name):
+    """The dataset's file: downloaded into results/datasets/ for a url, else its path; None if synthetic."""
+    dataset = config["datasets"][dataset_name]
+    if "url" in dataset:
+        suffix = ".jsonl" if dataset["url"].endswith(".jsonl") else ".json"
+        return f"results/datasets/{dataset_name}{suffix}"
+    return dataset.get("path")
 
 
 def model_dir(config, model_name):

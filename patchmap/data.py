@@ -64,6 +64,31 @@ def read_facts(path):
     return facts
 
 
+def check_sha256(path, expected):
+    actual = sha256_file(path)
+    if expected and actual != expected:
+        raise UserError(f"{path}: sha256 is {actual}, but the config expects {expected}; the file changed, "
+                        "or the config's sha256 is for another copy")
+    return actual
+
+
+def download(url, out, expected_sha256=None):
+    """Fetch `url` (http, https or file) into `out` atomically; check its sha256 when one is expected."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from .storage import atomic_path
+    with atomic_path(out) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as fh:
+                shutil.copyfileobj(response, fh)
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"could not download {url}: {getattr(e, 'reason', e)}; download it by hand and "
+                            "give its local path as the dataset's `path` instead") from None
+        return check_sha256(tmp, expected_sha256)
+
+
 def write_jsonl(rows, path):
     from .storage import atomic_path
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:

@@ -24,13 +24,51 @@ def draw_heatmap(ax, ds, vmin=None, vmax=None, title=None):
     return image
 
 
+def _save(fig, png, pdf):
+    """PNG and PDF, without creation dates, so that the same numbers give the same bytes."""
+    for path, fmt, metadata in ((png, "png", {"Software": None}), (pdf, "pdf", {"CreationDate": None})):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=200, metadata=metadata)
+    plt.close(fig)
+
+
 def save_heatmap(ds, png, pdf, vmin=None, vmax=None, title=None):
     n_layers, n_sites = ds.sizes["layer"], ds.sizes["site"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * n_layers + 2.2), 0.45 * n_sites + 1.3))
     image = draw_heatmap(ax, ds, vmin, vmax, title)
     fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
     fig.tight_layout()
-    for path, fmt in ((png, "png"), (pdf, "pdf")):
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=200, metadata={"Software": None} if fmt == "png" else None)
-    plt.close(fig)
+    _save(fig, png, pdf)
+
+
+def save_lines(ds, png, pdf, title=None):
+    """Mean JS per layer for each site, with its bootstrap 95% band."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.22 * ds.sizes["layer"] + 3.0), 3.2))
+    layers = ds["layer"].values
+    for site in ds["site"].values:
+        row = ds.sel(site=site)
+        (line,) = ax.plot(layers, row["js_mean"].values, marker="o", markersize=3, label=str(site))
+        ax.fill_between(layers, row["js_ci_low"].values, row["js_ci_high"].values, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("Layer")
+    ax.set_ylabel("Avg JS Divergence")
+    ax.set_ylim(bottom=0)
+    ax.legend(frameon=False)
+    ax.set_title(title or "")
+    fig.tight_layout()
+    _save(fig, png, pdf)
+
+
+def save_grid(datasets, titles, png, pdf, columns=2):
+    """Several runs' heatmaps in a grid with one shared colour scale."""
+    vmax = max(float(ds["js_mean"].max()) for ds in datasets) or 1.0
+    rows = -(-len(datasets) // columns)
+    widest = max(ds.sizes["layer"] for ds in datasets)
+    tallest = max(ds.sizes["site"] for ds in datasets)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(columns * max(4.0, 0.22 * widest + 1.5), rows * (0.45 * tallest + 1.5)))
+    for ax, ds, title in zip(axes.flat, datasets, titles):
+        image = draw_heatmap(ax, ds, 0.0, vmax, title)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, label="Avg JS Divergence", fraction=0.03, pad=0.02)
+    _save(fig, png, pdf)

@@ -28,7 +28,8 @@ def run_config_yaml(config, run_name):
     return yaml.safe_dump(used, sort_keys=False)
 
 
-def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, dataset_source):
+def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, dataset_source,
+               facts_sha256):
     run = config["runs"][run_name]
     model = config["models"][run["model"]]
     attrs = {
@@ -41,6 +42,7 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
         "dataset": run["dataset"],
         "dataset_source": dataset_source,
         "dataset_sha256": dataset_sha256,
+        "facts_sha256": facts_sha256,
         "intervention": run["intervention"],
         "js_base": str(run["js_base"]),
         "seed": run["seed"],

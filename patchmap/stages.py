@@ -13,7 +13,7 @@ from . import data, models, patching, provenance, synthetic
 from .aggregate import merge_sites
 from .errors import UserError
 from .pairs import make_pairs, shard_bounds
-from .plot import save_heatmap
+from .plot import save_grid, save_heatmap, save_lines
 from .storage import write_netcdf
 
 log = logging.getLogger("patchmap")
@@ -35,13 +35,22 @@ def reported_errors(log_path=None):
         sys.exit(1)
 
 
+def download_dataset(config, dataset_name, out):
+    dataset = config["datasets"][dataset_name]
+    digest = data.download(dataset["url"], out, dataset.get("sha256"))
+    log.info("downloaded %s to %s (sha256 %s)", dataset["url"], out, digest)
+
+
 def make_facts(config, run_name, out):
     """results/{run}/facts.jsonl: the synthetic facts, or the dataset file in the project's form."""
-    dataset = config["datasets"][config["runs"][run_name]["dataset"]]
+    name = config["runs"][run_name]["dataset"]
+    dataset = config["datasets"][name]
     if "synthetic" in dataset:
         rows = synthetic.facts(synthetic.make_world(**dataset["synthetic"]))
     else:
-        rows = data.read_facts(dataset["path"])
+        path = cfg.dataset_file(config, name)
+        data.check_sha256(path, dataset.get("sha256"))
+        rows = data.read_facts(path)
     if not rows:
         raise UserError(f"dataset '{config['runs'][run_name]['dataset']}' has no facts")
     data.write_jsonl(rows, out)
@@ -77,7 +86,8 @@ def make_pairs_file(config, run_name, facts_path, out):
     facts = data.load_jsonl(facts_path)
     ds = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
                     run["missing_subject"], run["batch_size"], run["intervention"], run["noise_scale"])
-    ds.attrs["dataset_sha256"] = data.sha256_file(facts_path)
+    ds.attrs["facts_sha256"] = data.sha256_file(facts_path)
+    ds.attrs["model_commit"] = getattr(model.config, "_commit_hash", None) or ""
     write_netcdf(ds, out)
 
 
@@ -122,10 +132,13 @@ def divergence(config, run_name, pairs_path, patch_paths, out):
         ds.coords[var] = ("example", pairs[var].values)
     source = cfg.model_dir(config, run["model"])
     dataset = config["datasets"][run["dataset"]]
+    dataset_file = cfg.dataset_file(config, run["dataset"])
     ds.attrs.update(provenance.attributes(
         config, run_name, model_source=source, weights_sha256=models.weights_hash(source),
-        dataset_sha256=pairs.attrs["dataset_sha256"],
-        dataset_source=dataset.get("path", "synthetic (built in)")))
+        dataset_sha256=data.sha256_file(dataset_file) if dataset_file else pairs.attrs["facts_sha256"],
+        dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
+        facts_sha256=pairs.attrs["facts_sha256"]))
+    ds.attrs["model_commit"] = pairs.attrs.get("model_commit", "")
     ds.attrs.update({k: v for k, v in pairs.attrs.items() if k.startswith("count_")})
     write_netcdf(ds, out)
 
@@ -133,3 +146,15 @@ def divergence(config, run_name, pairs_path, patch_paths, out):
 def heatmap(divergence_path, png, pdf):
     ds = xr.load_dataset(divergence_path)
     save_heatmap(ds, png, pdf, title=None)
+
+
+def lines(divergence_path, png, pdf):
+    ds = xr.load_dataset(divergence_path)
+    save_lines(ds, png, pdf, title=f"{ds.attrs['run']}: {ds.attrs['model']}, {ds.attrs['intervention']}")
+
+
+def figure(config, figure_name, divergence_paths, png, pdf):
+    spec = config["figures"][figure_name]
+    datasets = [xr.load_dataset(p) for p in divergence_paths]
+    titles = [f"{ds.attrs['model']} ({ds.attrs['intervention']})" for ds in datasets]
+    save_grid(datasets, titles, png, pdf, spec["columns"])

@@ -16,10 +16,18 @@ wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9_.-]*",
     shard=r"\d+",
     site="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    figure="[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
 def run_of(wildcards):
     return config["runs"][wildcards.run]
+
+
+def dataset_input(wildcards):
+    """The dataset file a run's facts come from (downloaded first for a url); nothing if synthetic."""
+    path = cfg.dataset_file(config, run_of(wildcards)["dataset"])
+    return [path] if path else []
 
 
 def model_input(wildcards):

@@ -1,4 +1,6 @@
 rule facts:
+    input:
+        dataset_input,
     output:
         "results/{run}/facts.jsonl",
     params:

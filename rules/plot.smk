@@ -2,7 +2,12 @@ rule heatmap:
     input:
         "results/{run}/divergence.nc",
     output:
-        png="results/{run}/heatmap.png",
+        png=report(
+            "results/{run}/heatmap.png",
+            caption="../report/heatmap.rst",
+            category="Heatmaps",
+            labels={"run": "{run}", "figure": "heatmap"},
+        ),
         pdf="results/{run}/heatmap.pdf",
     log:
         "results/{run}/logs/heatmap.log",
@@ -12,3 +17,47 @@ rule heatmap:
         "../envs/patchmap.yaml"
     script:
         "../scripts/heatmap.py"
+
+
+rule lines:
+    input:
+        "results/{run}/divergence.nc",
+    output:
+        png=report(
+            "results/{run}/lines.png",
+            caption="../report/lines.rst",
+            category="Per-layer lines",
+            labels={"run": "{run}", "figure": "lines"},
+        ),
+        pdf="results/{run}/lines.pdf",
+    log:
+        "results/{run}/logs/lines.log",
+    benchmark:
+        "results/{run}/benchmarks/lines.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/lines.py"
+
+
+rule figure:
+    input:
+        lambda w: expand("results/{run}/divergence.nc", run=config["figures"][w.figure]["runs"]),
+    output:
+        png=report(
+            "results/figures/{figure}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+            labels={"figure": "{figure}"},
+        ),
+        pdf="results/figures/{figure}.pdf",
+    params:
+        figure=lambda w: config["figures"][w.figure],
+    log:
+        "results/figures/logs/{figure}.log",
+    benchmark:
+        "results/figures/benchmarks/{figure}.tsv"
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/figure.py"

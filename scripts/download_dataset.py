@@ -1,0 +1,4 @@
+from patchmap import stages
+
+with stages.reported_errors(snakemake.log[0]):
+    stages.download_dataset(snakemake.config, snakemake.wildcards.dataset, snakemake.output[0])

@@ -1,0 +1,5 @@
+from patchmap import stages
+
+with stages.reported_errors(snakemake.log[0]):
+    stages.figure(snakemake.config, snakemake.wildcards.figure, list(snakemake.input), snakemake.output.png,
+                  snakemake.output.pdf)
