@@ -1,6 +1,5 @@
 """Load Hugging Face causal LMs and find their decoder blocks, attention and MLP modules."""
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,18 +109,3 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
-
-
-def weights_hash(source):
-    """sha256 over the weight files of a local checkpoint (in name order); None for a hub id."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        return None
-    digest = hashlib.sha256()
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()

@@ -1,7 +1,10 @@
 """What a result was made from: model, data, config and software, as netCDF attributes."""
 
+import hashlib
 import platform
 from importlib.metadata import PackageNotFoundError, version
+
+from pathlib import Path
 
 import yaml
 
@@ -51,3 +54,18 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
     }
     attrs.update({f"version_{k}": v for k, v in package_versions().items()})
     return attrs
+
+
+def weights_sha256(source):
+    """sha256 over the weight files of a local checkpoint (in name order); None for a hub id."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -9,12 +9,12 @@ from pathlib import Path
 import xarray as xr
 
 from . import config as cfg
-from . import data, models, patching, provenance, synthetic
-from .aggregate import merge_sites
+from . import data, provenance, synthetic
 from .errors import UserError
-from .pairs import make_pairs, shard_bounds
-from .plot import save_grid, save_heatmap, save_lines
 from .storage import write_netcdf
+
+# Every rule starts a fresh Python: the stages that need torch and transformers (seconds to import)
+# import them inside the function, so facts, divergence and plotting jobs start fast.
 
 log = logging.getLogger("patchmap")
 
@@ -58,20 +58,17 @@ def make_facts(config, run_name, out):
 
 
 def train_model(config, model_name, out):
+    from .builtin import train_builtin
     spec = config["models"][model_name]["builtin"]
     world = config["datasets"][spec["dataset"]]["synthetic"]
     shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    summary = models_train(out, world, shape, spec["train"])
+    summary = train_builtin(out, world, shape, spec["train"])
     log.info("trained %s: %d steps, question accuracy %.4f, %.0f s", model_name, summary["steps"],
              summary["question_accuracy"], summary["seconds"])
 
 
-def models_train(out, world, shape, train):
-    from .builtin import train_builtin  # imported here: only this stage needs it
-    return train_builtin(out, world, shape, train)
-
-
 def load_run_model(config, run_name):
+    from . import models
     run = config["runs"][run_name]
     model_cfg = config["models"][run["model"]]
     return models.load(cfg.model_dir(config, run["model"]), revision=model_cfg.get("revision"),
@@ -81,6 +78,7 @@ def load_run_model(config, run_name):
 
 
 def make_pairs_file(config, run_name, facts_path, out):
+    from .pairs import make_pairs
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name)
     facts = data.load_jsonl(facts_path)
@@ -92,12 +90,14 @@ def make_pairs_file(config, run_name, facts_path, out):
 
 
 def _shard(pairs_path, run, shard):
+    from .pairs import shard_bounds
     pairs = xr.load_dataset(pairs_path)
     a, b = shard_bounds(pairs.sizes["example"], run["shard_size"], int(shard))
     return pairs.isel(example=slice(a, b))
 
 
 def extract(config, run_name, pairs_path, shard, out):
+    from . import models, patching
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
@@ -108,6 +108,7 @@ def extract(config, run_name, pairs_path, shard, out):
 
 
 def patch(config, run_name, site_name, pairs_path, acts_path, shard, out):
+    from . import models, patching
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
@@ -123,6 +124,7 @@ def patch(config, run_name, site_name, pairs_path, acts_path, shard, out):
 
 def divergence(config, run_name, pairs_path, patch_paths, out):
     """Merge every site's shards into results/{run}/divergence.nc, with summaries and provenance."""
+    from .aggregate import merge_sites
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
     per_site = {s.name: [xr.load_dataset(p) for p in patch_paths[s.name]] for s in sites}
@@ -134,7 +136,7 @@ def divergence(config, run_name, pairs_path, patch_paths, out):
     dataset = config["datasets"][run["dataset"]]
     dataset_file = cfg.dataset_file(config, run["dataset"])
     ds.attrs.update(provenance.attributes(
-        config, run_name, model_source=source, weights_sha256=models.weights_hash(source),
+        config, run_name, model_source=source, weights_sha256=provenance.weights_sha256(source),
         dataset_sha256=data.sha256_file(dataset_file) if dataset_file else pairs.attrs["facts_sha256"],
         dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
         facts_sha256=pairs.attrs["facts_sha256"]))
@@ -144,16 +146,19 @@ def divergence(config, run_name, pairs_path, patch_paths, out):
 
 
 def heatmap(divergence_path, png, pdf):
+    from .plot import save_heatmap
     ds = xr.load_dataset(divergence_path)
     save_heatmap(ds, png, pdf, title=None)
 
 
 def lines(divergence_path, png, pdf):
+    from .plot import save_lines
     ds = xr.load_dataset(divergence_path)
     save_lines(ds, png, pdf, title=f"{ds.attrs['run']}: {ds.attrs['model']}, {ds.attrs['intervention']}")
 
 
 def figure(config, figure_name, divergence_paths, png, pdf):
+    from .plot import save_grid
     spec = config["figures"][figure_name]
     datasets = [xr.load_dataset(p) for p in divergence_paths]
     titles = [f"{ds.attrs['model']} ({ds.attrs['intervention']})" for ds in datasets]

@@ -25,11 +25,9 @@ def known_run(tmp_path_factory):
                                       for i in range(300)]))
     tokenizer = bpe_tokenizer(known_facts_text())
     sites = {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
-             "attn": {"label": "Attn.", "component": "attn", "positions": "last"},
-             "first": {"label": "First subj.", "component": "mlp", "positions": "subject_first"},
-             "after": {"label": "First after", "component": "resid", "positions": "after_subject_first"}}
-    run = {"dataset": "known", "sites": ["subj", "attn", "first", "after"], "examples": 20, "shard_size": 12,
-           "batch_size": 8, "known_only": False}
+             "after": {"label": "First after", "component": "attn", "positions": "after_subject_first"}}
+    run = {"dataset": "known", "sites": ["subj", "after"], "examples": 20, "shard_size": 20,
+           "batch_size": 10, "known_only": False}
     config = {
         "models": {f: {"path": str(save_checkpoint(workdir / "models" / f, f, tokenizer))} for f in FAMILIES},
         "datasets": {"known": {"url": source.resolve().as_uri(), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}},
@@ -49,8 +47,8 @@ def test_known_facts_run_end_to_end(known_run, run):
     workdir, config, source = known_run
     ds = xr.load_dataset(workdir / "results" / run / "divergence.nc")
     assert ds.sizes["example"] == 20 and ds.sizes["layer"] == 2
-    assert list(ds["site"].values) == ["Subj.", "Attn.", "First subj.", "First after"]
-    assert list(ds["positions"].values) == ["subject", "last", "subject_first", "after_subject_first"]
+    assert list(ds["site"].values) == ["Subj.", "First after"]
+    assert list(ds["positions"].values) == ["subject", "after_subject_first"]
     assert ds.attrs["count_facts"] == len(yaml.safe_load(source.read_text()))
     assert ds.attrs["count_dropped_not_known"] == 0  # the known filter is off for random models
     kept = ds.attrs["count_facts"] - ds.attrs["count_dropped_subject_not_in_prompt"]
