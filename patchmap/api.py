@@ -11,6 +11,7 @@ import math
 from . import models, patching
 from .aggregate import merge_sites
 from .config import resolve_layers
+from .engine import window_layers
 from .pairs import make_pairs
 from .provenance import package_versions
 from .sites import Site
@@ -23,7 +24,8 @@ DEFAULT_SITES = {
 
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
-                  js_base=2, known_only=True, intervention="swap", noise_scale=3.0, progress=True):
+                  js_base=2, known_only=True, intervention="swap", noise_scale=3.0, value="mean", window=1,
+                  progress=True):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ..."""
     sites = [s if isinstance(s, Site) else Site.from_config(name, s)
@@ -32,9 +34,12 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     layers = resolve_layers(layers, models.n_layers(model))
     pairs = make_pairs(model, tokenizer, facts, examples, seed, known_only, batch_size=batch_size,
                        intervention=intervention, noise_scale=noise_scale)
-    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, progress)
+    extracted = sorted({w for l in layers for w in window_layers(l, window, models.n_layers(model))})
+    acts = patching.extract_activations(model, pairs, sites, extracted, batch_size, tokenizer.pad_token_id, progress)
+    if intervention == "ablate":
+        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
     per_site = {s.name: patching.patch_site(model, pairs, acts, s, layers, batch_size, tokenizer.pad_token_id,
-                                            base, progress) for s in sites}
+                                            base, progress, window) for s in sites}
     ds = merge_sites(per_site, sites, base, seed)
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
     ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(js_base)})

@@ -10,7 +10,7 @@ import torch
 
 from .errors import UserError
 from .metrics import patch_metrics
-from .models import component_module
+from .models import blocks, component_module
 
 
 def pad_batch(sequences, pad_id, device):
@@ -35,8 +35,10 @@ def _with_tensor(output, tensor):
 
 @contextmanager
 def hooks(pairs):
-    """Register (module, forward hook) pairs for the duration of the block."""
-    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    """Register (module, forward hook) pairs for the duration of the block; a third item "pre" makes it
+    a forward pre-hook that sees and may change the keyword arguments."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) if kind == ["pre"]
+               else module.register_forward_hook(hook) for module, hook, *kind in pairs]
     try:
         yield
     finally:
@@ -63,6 +65,33 @@ def add_hook(delta):
 
 def noise_hooks(model, target_noise):
     return [] if target_noise is None else [(model.get_input_embeddings(), add_hook(target_noise))]
+
+
+def knockout_hook(blocked, query):
+    """Block attention edges: query position `query[b]` may not attend to keys where `blocked` [B, T] is
+    true. Works on the attention module's `attention_mask` keyword (None, boolean or additive)."""
+    def hook(module, args, kwargs):
+        if "attention_mask" not in kwargs:
+            raise UserError(f"attention knockout needs an attention module that takes `attention_mask` as a "
+                            f"keyword; {type(module).__name__} does not")
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        batch, width = blocked.shape
+        low = torch.finfo(hidden.dtype).min
+        mask = kwargs["attention_mask"]
+        if mask is None:
+            causal = torch.ones(width, width, dtype=torch.bool, device=blocked.device).tril()
+            mask = causal[None, None].expand(batch, 1, width, width)
+        if not torch.is_tensor(mask):
+            raise UserError(f"attention knockout cannot edit a {type(mask).__name__} attention mask; "
+                            "load the model with the eager or sdpa attention implementation")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, low)
+        mask = mask.expand(batch, mask.shape[1], width, mask.shape[-1]).clone()
+        edges = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        edges[torch.arange(batch, device=mask.device), :, query, :width] = blocked[:, None, :]
+        kwargs["attention_mask"] = mask.masked_fill(edges, low)
+        return args, kwargs
+    return hook
 
 
 def capture_hook(store, key):
@@ -98,6 +127,12 @@ def patched_logprobs(model, component, layer, ids, mask, positions, lengths, pat
         return last_logprobs(model, ids, mask, positions, lengths, where)
 
 
+def window_layers(layer, window, n_layers):
+    """The layers patched together for `layer`: [layer - window//2, layer - window//2 + window), clipped."""
+    start = layer - window // 2
+    return list(range(max(start, 0), min(start + window, n_layers)))
+
+
 def position_mask(position_lists, width, device):
     mask = torch.zeros(len(position_lists), width, dtype=torch.bool)
     for i, ps in enumerate(position_lists):
@@ -107,32 +142,37 @@ def position_mask(position_lists, width, device):
 
 @torch.no_grad()
 def patch_batch(model, site, layers, target_ids, position_lists, source_values, target_answer,
-                source_answer, pad_id, base=2.0, target_noise=None):
+                source_answer, pad_id, base=2.0, target_noise=None, window=1, knockout=False):
     """Metrics for one batch of examples at one site, every layer in `layers`.
 
-    `source_values[layer]` is a [B, T, H] tensor holding the source activation at each example's
-    positions (anything elsewhere). `target_noise` [B, T, H], if given, is added to the target's input
-    embeddings in every target run, patched or not. Returns {metric: [B, len(layers)]} on the CPU.
+    For each layer l the target runs with the source activation written in at the site's positions in
+    every layer of window_layers(l, window); `source_values[layer]` is a [B, T, H] tensor holding it
+    (anything elsewhere). With `knockout`, the target instead runs with the attention edges from its last
+    position to the site's positions blocked in those layers (source_values unused). `target_noise`
+    [B, T, H], if given, is added to the target's input embeddings in every target run, patched or not.
+    Returns {metric: [B, len(layers)]} on the CPU.
     """
     device = next(model.parameters()).device
     ids, mask, pos, lengths = pad_batch(target_ids, pad_id, device)
     patch_mask = position_mask(position_lists, ids.shape[1], device)
+    n_layers = len(blocks(model))
+
+    def run_hooks(layer):
+        if knockout:
+            return [(component_module(model, "attn", l), knockout_hook(patch_mask, lengths - 1), "pre")
+                    for l in window_layers(layer, window, n_layers)]
+        return [(component_module(model, site.component, l), replace_hook(patch_mask, source_values[l].to(device)))
+                for l in window_layers(layer, window, n_layers)]
+
     with hooks(noise_hooks(model, target_noise)):
-        return _patch_layers(model, site, layers, ids, mask, pos, lengths, patch_mask, source_values,
-                             target_answer, source_answer, base)
-
-
-def _patch_layers(model, site, layers, ids, mask, pos, lengths, patch_mask, source_values, target_answer,
-                  source_answer, base):
-    device = ids.device
-    target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
-    target_answer = torch.as_tensor(target_answer, device=device)
-    source_answer = torch.as_tensor(source_answer, device=device)
-    per_layer = []
-    for layer in layers:
-        values = source_values[layer].to(device)
-        patched = patched_logprobs(model, site.component, layer, ids, mask, pos, lengths, patch_mask, values,
-                                   f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
-        per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, target, target_answer,
-                                                               source_answer, base).items()})
+        target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
+        target_answer = torch.as_tensor(target_answer, device=device)
+        source_answer = torch.as_tensor(source_answer, device=device)
+        per_layer = []
+        for layer in layers:
+            with hooks(run_hooks(layer)):
+                patched = last_logprobs(model, ids, mask, pos, lengths,
+                                        f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
+            per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, target, target_answer,
+                                                                   source_answer, base).items()})
     return {k: torch.stack([m[k] for m in per_layer], dim=1) for k in per_layer[0]}

@@ -79,8 +79,8 @@ def swap_partners(encoded, examples, seed):
     return pairs, no_partner
 
 
-def noise_partners(encoded, examples, seed):
-    """The noise intervention: each fact is its own (clean) source; a seeded choice of facts."""
+def self_partners(encoded, examples, seed):
+    """Each fact is its own source (noise, ablate, knockout); a seeded choice of facts."""
     order = np.random.default_rng(seed).permutation(len(encoded))[:examples]
     return [(int(i), int(i)) for i in order], 0
 
@@ -100,7 +100,8 @@ def _padded(rows, width):
     return out
 
 
-INTERVENTIONS = {"swap": swap_partners, "noise": noise_partners}
+INTERVENTIONS = {"swap": swap_partners, "noise": self_partners, "ablate": self_partners,
+                 "knockout": self_partners}
 
 
 def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing_subject="drop",

@@ -58,11 +58,11 @@ def extract_activations(model, pairs, sites, layers, batch_size, pad_id, progres
     return xr.Dataset(data, coords=coords)
 
 
-def _source_values(acts, site, layers, pos, width, hidden, a, b):
-    """[B, T, H] tensors per layer with the source activation at each example's site positions."""
+def _source_values(acts, site, pos, width, hidden, a, b):
+    """[B, T, H] tensors per extracted layer with the source activation at each example's site positions."""
     arr = acts[f"act_{site.name}"].values[a:b]  # [B, layer, slot, H]
     values = {}
-    for li, layer in enumerate(layers):
+    for li, layer in enumerate(acts["layer"].values.tolist()):
         v = torch.zeros(b - a, width, hidden)
         for i, ps in enumerate(pos[a:b]):
             v[i, ps] = torch.from_numpy(arr[i, li, :len(ps)])
@@ -82,20 +82,54 @@ def target_noise(pairs, a, b, width, hidden):
     return noise.to(torch.float32)
 
 
+def ablation_values(activation_datasets, sites, value):
+    """The ablate intervention's activations per site: zero, or the mean over every example (per layer
+    and slot, i.e. position within the group) of the activations from all extract shards."""
+    first = activation_datasets[0]
+    data = {}
+    for s in sites:
+        name = f"act_{s.name}"
+        _, layers, slots, hidden = first[name].shape
+        total = np.zeros((layers, slots, hidden), dtype=np.float64)
+        count = np.zeros((layers, slots, 1), dtype=np.int64)
+        for ds in activation_datasets:
+            arr = ds[name].values.astype(np.float64)
+            present = ~np.isnan(arr[..., :1])
+            total += np.nansum(arr, axis=0)
+            count += present.sum(axis=0)
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        out = np.zeros_like(mean) if value == "zero" else mean
+        data[name] = (("layer", f"slot_{s.name}", "hidden"), out.astype(np.float32),
+                      {"description": f"{value} ablation value per layer and slot (position within the group)"})
+    return xr.Dataset(data, coords={"layer": first["layer"].values}, attrs={"value": value})
+
+
+def broadcast_ablation(ablation, pairs):
+    """The ablation values as an activations dataset for the examples of `pairs` (every example gets them)."""
+    n = pairs.sizes["example"]
+    data = {name: (("example", *var.dims), np.broadcast_to(var.values, (n, *var.shape)).copy())
+            for name, var in ablation.data_vars.items()}
+    return xr.Dataset(data, coords={"example": pairs["example"].values, "layer": ablation["layer"].values})
+
+
 @torch.no_grad()
-def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, progress=True):
-    """Per-example metrics [example, layer] for one site: the source activation patched into the target."""
+def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, progress=True, window=1):
+    """Per-example metrics [example, layer] for one site: the source activation patched into the target
+    (or, for the knockout intervention, the last position's attention to the site's positions blocked),
+    in the `window` layers around each layer."""
+    knockout = pairs.attrs.get("intervention") == "knockout"
     targets = token_lists(pairs, "target_ids")
     pos = site_positions(pairs, site)
     n, hidden = len(targets), model.config.hidden_size
     results = {k: [] for k in METRICS}
     for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):
         width = max(len(t) for t in targets[a:b])
-        values = _source_values(acts, site, layers, pos, width, hidden, a, b)
+        values = None if knockout else _source_values(acts, site, pos, width, hidden, a, b)
         noise = target_noise(pairs, a, b, width, hidden)
         metrics = patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
                               pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
-                              pad_id, base, None if noise is None else noise.to(next(model.parameters()).device))
+                              pad_id, base, None if noise is None else noise.to(next(model.parameters()).device),
+                              window=window, knockout=knockout)
         for k, v in metrics.items():
             results[k].append(v.numpy())
     dims = ("example", "layer")
@@ -103,5 +137,5 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
             for k, v in results.items()}
     ds = xr.Dataset(data, coords={"example": pairs["example"].values, "layer": np.asarray(layers)})
     ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
-                     "positions": site.positions, "js_base": base})
+                     "positions": site.positions, "js_base": base, "window": window})
     return ds

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 COMPONENTS = ("resid", "attn", "mlp")
 POSITION_GROUPS = ("subject", "subject_first", "subject_middle", "subject_last", "after_subject_first",
-                   "after_subject_further", "relation", "last", "all")
+                   "after_subject_further", "relation", "non_subject", "last", "all")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ def positions(group, length, subject_start, subject_end):
         return [length - 1]
     if group == "relation":
         return list(range(subject_end, length - 1))
+    if group == "non_subject":  # every token before the last that is not a subject token
+        return [p for p in range(length - 1) if not subject_start <= p < subject_end]
     if group == "all":
         return list(range(length))
     raise ValueError(f"unknown position group '{group}'; known: {', '.join(POSITION_GROUPS)}")

@@ -97,28 +97,44 @@ def _shard(pairs_path, run, shard):
 
 
 def extract(config, run_name, pairs_path, shard, out):
+    """Source activations for one shard, at every layer that a patch window of the run's layers touches."""
     from . import models, patching
+    from .engine import window_layers
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name)
-    layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
+    n_layers = models.n_layers(model)
+    layers = cfg.resolve_layers(run["layers"], n_layers, f"runs.{run_name}.layers")
+    layers = sorted({w for layer in layers for w in window_layers(layer, run["window"], n_layers)})
     pairs = _shard(pairs_path, run, shard)
     ds = patching.extract_activations(model, pairs, cfg.run_sites(config, run_name), layers,
                                       run["batch_size"], tokenizer.pad_token_id)
     write_netcdf(ds, out)
 
 
-def patch(config, run_name, site_name, pairs_path, acts_path, shard, out):
+def ablation(config, run_name, activation_paths, out):
+    """results/{run}/ablation.nc: the ablate intervention's values (zero, or the mean over all shards)."""
+    from . import patching
+    run = config["runs"][run_name]
+    ds = patching.ablation_values([xr.load_dataset(p) for p in activation_paths], cfg.run_sites(config, run_name),
+                                  run["value"])
+    write_netcdf(ds, out)
+
+
+def patch(config, run_name, site_name, pairs_path, acts_path, shard, out, ablation_path=None):
     from . import models, patching
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
     site = next(s for s in cfg.run_sites(config, run_name) if s.name == site_name)
     pairs = _shard(pairs_path, run, shard)
-    acts = xr.load_dataset(acts_path)
+    if run["intervention"] == "ablate":
+        acts = patching.broadcast_ablation(xr.load_dataset(ablation_path), pairs)
+    else:
+        acts = xr.load_dataset(acts_path)
     log.info("patching site %s (%s@%s), shard %s: %d examples x %d layers", site.label, site.component,
              site.positions, shard, pairs.sizes["example"], len(layers))
     ds = patching.patch_site(model, pairs, acts, site, layers, run["batch_size"], tokenizer.pad_token_id,
-                             cfg.js_base(run))
+                             cfg.js_base(run), window=run["window"])
     write_netcdf(ds, out)
 
 

@@ -36,6 +36,11 @@ def model_input(wildcards):
     return cfg.model_dir(config, name) if "builtin" in config["models"][name] else []
 
 
+def ablation_input(wildcards):
+    """The ablate intervention patches in values computed over the whole run (rule ablation)."""
+    return f"results/{wildcards.run}/ablation.nc" if run_of(wildcards)["intervention"] == "ablate" else []
+
+
 def shards(run):
     return range(cfg.shard_count(config["runs"][run]))
 

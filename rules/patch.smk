@@ -2,6 +2,7 @@ rule patch:
     input:
         pairs="results/{run}/pairs.nc",
         activations="results/{run}/activations/{shard}.nc",
+        ablation=ablation_input,
         model=model_input,
     output:
         "results/{run}/patch/{site}/{shard}.nc",

@@ -15,6 +15,7 @@ from workflow_utils import TINY, snakemake, snakemake_command, write_config
 TWO_RUNS = copy.deepcopy(TINY)
 TWO_RUNS["runs"]["tiny"].update(examples=24, shard_size=24, batch_size=1)
 TWO_RUNS["runs"]["other"] = {"model": "tiny", "dataset": "tiny-facts", "sites": ["attn"], "examples": 6,
+                             "intervention": "ablate", "value": "mean",
                              "shard_size": 6, "known_only": False, "seed": 3}
 
 
@@ -102,8 +103,10 @@ def test_two_runs_keep_to_their_own_files(uninterrupted):
     results = uninterrupted / "results"
     assert sorted(p.name for p in results.iterdir()) == ["models", "other", "tiny"]
     assert sorted(p.name for p in (results / "other" / "patch").iterdir()) == ["attn"]
+    assert (results / "other" / "ablation.nc").exists() and not (results / "tiny" / "ablation.nc").exists()
     assert sorted(p.name for p in (results / "tiny" / "patch").iterdir()) == ["attn", "mlp", "subj"]
     other = xr.load_dataset(results / "other" / "divergence.nc")
     tiny = xr.load_dataset(results / "tiny" / "divergence.nc")
+    assert other.attrs["intervention"] == "ablate"
     assert other.attrs["run"] == "other" and other.sizes["example"] == 6 and list(other["site"].values) == ["Attn."]
     assert tiny.attrs["run"] == "tiny" and tiny.sizes["example"] == 24

@@ -1,0 +1,130 @@
+"""ablate, knockout and window: each against a direct computation of what it should be."""
+
+import pytest
+import torch
+from families import family_model
+
+from patchmap import models, patching, synthetic
+from patchmap.api import patch_heatmap
+from patchmap.builtin import word_tokenizer
+from patchmap.engine import (hooks, knockout_hook, last_logprobs, pad_batch, patched_logprobs, position_mask,
+                             replace_hook)
+from patchmap.metrics import js_divergence
+from patchmap.pairs import make_pairs, token_lists
+from patchmap.sites import COMPONENTS, Site
+
+SITES = {f"{c}-{p}": {"component": c, "positions": p} for c in COMPONENTS for p in ("subject", "last", "relation")}
+
+
+def batch(pairs, tokenizer, role="target"):
+    return pad_batch(token_lists(pairs, f"{role}_ids"), tokenizer.pad_token_id, "cpu")
+
+
+@pytest.fixture(scope="module")
+def self_pairs(tiny_model, world):
+    model, tokenizer = tiny_model
+    return make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=0, known_only=False,
+                      intervention="ablate")
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_zero_ablation_equals_patching_in_zero(tiny_model, self_pairs, component):
+    model, tokenizer = tiny_model
+    site = Site("s", "S", component, "subject")
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, self_pairs, [site], layers, 6, tokenizer.pad_token_id, False)
+    zero = patching.broadcast_ablation(patching.ablation_values([acts], [site], "zero"), self_pairs)
+    ds = patching.patch_site(model, self_pairs, zero, site, layers, 3, tokenizer.pad_token_id, progress=False)
+    ids, mask, pos, lengths = batch(self_pairs, tokenizer)
+    target = last_logprobs(model, ids, mask, pos, lengths)
+    where = position_mask(patching.site_positions(self_pairs, site), ids.shape[1], "cpu")
+    for layer in layers:
+        zeros = torch.zeros(*ids.shape, model.config.hidden_size)
+        expected = js_divergence(patched_logprobs(model, component, layer, ids, mask, pos, lengths, where, zeros),
+                                 target)
+        torch.testing.assert_close(torch.from_numpy(ds["js"].sel(layer=layer).values), expected, atol=1e-6, rtol=0)
+    assert (ds["js"].values > 0).any()
+
+
+def test_mean_ablation_over_one_example_changes_nothing(tiny_model, world):
+    model, tokenizer = tiny_model
+    ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=SITES, examples=1, known_only=False,
+                       intervention="ablate", value="mean", progress=False)
+    assert ds.sizes["example"] == 1
+    assert float(abs(ds["js"]).max()) == 0.0
+
+
+def test_mean_ablation_uses_the_dataset_mean(tiny_model, world):
+    model, tokenizer = tiny_model
+    ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=SITES, examples=6, known_only=False,
+                       intervention="ablate", value="mean", progress=False)
+    assert float(ds["js"].max()) > 0
+
+
+def test_knockout_of_no_edges_changes_nothing(tiny_model, self_pairs):
+    model, tokenizer = tiny_model
+    ids, mask, pos, lengths = batch(self_pairs, tokenizer)
+    clean = last_logprobs(model, ids, mask, pos, lengths)
+    nothing = torch.zeros(ids.shape, dtype=torch.bool)
+    attn = [(models.component_module(model, "attn", l), knockout_hook(nothing, lengths - 1), "pre")
+            for l in range(models.n_layers(model))]
+    with hooks(attn):
+        knocked = last_logprobs(model, ids, mask, pos, lengths)
+    assert js_divergence(knocked, clean).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_knocking_out_every_earlier_edge_equals_the_last_token_alone(tmp_path, world, family):
+    tokenizer = word_tokenizer(synthetic.vocabulary(world))
+    torch.manual_seed(1)
+    family_model(family, len(tokenizer), layers=3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = models.load(str(tmp_path))
+    prompts = [f["prompt"] for f in synthetic.facts(world)[:5]]
+    ids, mask, pos, lengths = pad_batch(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id, "cpu")
+    earlier = position_mask([list(range(n - 1)) for n in lengths.tolist()], ids.shape[1], "cpu")
+    attn = [(models.component_module(model, "attn", l), knockout_hook(earlier, lengths - 1), "pre")
+            for l in range(models.n_layers(model))]
+    with hooks(attn):
+        knocked = last_logprobs(model, ids, mask, pos, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        alone = model(input_ids=ids[i:i + 1, n - 1:n], position_ids=torch.tensor([[n - 1]])).logits[0, -1]
+        torch.testing.assert_close(knocked[i], torch.log_softmax(alone.float(), -1), atol=1e-5, rtol=0)
+
+
+def test_knockout_through_the_stages(tiny_model, world):
+    model, tokenizer = tiny_model
+    sites = {"subj": {"component": "attn", "positions": "subject"},
+             "rest": {"component": "attn", "positions": "non_subject"},
+             "last": {"component": "attn", "positions": "last"}}
+    ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=sites, examples=6, known_only=False,
+                       intervention="knockout", window=3, progress=False)
+    assert ds.sizes == {"example": 6, "site": 3, "layer": 3}
+    assert float(ds["js"].min()) >= 0 and float(ds["js"].max()) > 0
+
+
+def test_window_of_one_is_plain_patching_and_wider_windows_patch_neighbours(tiny_model, world):
+    model, tokenizer = tiny_model
+    facts = synthetic.facts(world)
+    pairs = make_pairs(model, tokenizer, facts, examples=6, seed=0, known_only=False)
+    site = Site("s", "S", "mlp", "subject")
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, [site], layers, 6, tokenizer.pad_token_id, False)
+    one = patching.patch_site(model, pairs, acts, site, layers, 6, tokenizer.pad_token_id, progress=False, window=1)
+    three = patching.patch_site(model, pairs, acts, site, layers, 6, tokenizer.pad_token_id, progress=False, window=3)
+    ids, mask, pos, lengths = batch(pairs, tokenizer)
+    src = batch(pairs, tokenizer, "source")
+    from patchmap.engine import capture
+    store, _ = capture(model, *src, ["mlp"], layers)
+    target = last_logprobs(model, ids, mask, pos, lengths)
+    where = position_mask(patching.site_positions(pairs, site), ids.shape[1], "cpu")
+    for layer in layers:
+        single = patched_logprobs(model, "mlp", layer, ids, mask, pos, lengths, where, store[("mlp", layer)])
+        torch.testing.assert_close(torch.from_numpy(one["js"].sel(layer=layer).values), js_divergence(single, target),
+                                   atol=1e-6, rtol=0)
+        neighbours = [l for l in (layer - 1, layer, layer + 1) if 0 <= l < len(layers)]
+        with hooks([(models.component_module(model, "mlp", l), replace_hook(where, store[("mlp", l)]))
+                    for l in neighbours]):
+            window = last_logprobs(model, ids, mask, pos, lengths)
+        torch.testing.assert_close(torch.from_numpy(three["js"].sel(layer=layer).values), js_divergence(window, target),
+                                   atol=1e-6, rtol=0)
