@@ -64,11 +64,11 @@ def save_grid(datasets, titles, png, pdf, columns=2):
     rows = -(-len(datasets) // columns)
     widest = max(ds.sizes["layer"] for ds in datasets)
     tallest = max(ds.sizes["site"] for ds in datasets)
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(columns * max(4.0, 0.22 * widest + 1.5), rows * (0.45 * tallest + 1.5)))
+    fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
+                             figsize=(columns * max(4.5, 0.22 * widest + 2.0), rows * (0.45 * tallest + 1.6)))
     for ax, ds, title in zip(axes.flat, datasets, titles):
         image = draw_heatmap(ax, ds, 0.0, vmax, title)
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, label="Avg JS Divergence", fraction=0.03, pad=0.02)
+    fig.colorbar(image, ax=axes, label="Avg JS Divergence", fraction=0.04, pad=0.02, shrink=0.8)
     _save(fig, png, pdf)

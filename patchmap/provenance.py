@@ -22,6 +22,16 @@ def package_versions():
     return found
 
 
+def method(attrs):
+    """A short description of a result's intervention, e.g. 'ablate (mean), window 3'."""
+    text = attrs["intervention"]
+    if attrs.get("ablation_value"):
+        text += f" ({attrs['ablation_value']})"
+    if int(attrs.get("window", 1)) > 1:
+        text += f", window {attrs['window']}"
+    return text
+
+
 def run_config_yaml(config, run_name):
     """The part of the config that one run uses, as YAML: the run, its model, dataset and sites."""
     run = config["runs"][run_name]
@@ -47,6 +57,9 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
         "dataset_sha256": dataset_sha256,
         "facts_sha256": facts_sha256,
         "intervention": run["intervention"],
+        "window": run["window"],
+        "ablation_value": run["value"] if run["intervention"] == "ablate" else "",
+        "noise_scale": run["noise_scale"] if run["intervention"] == "noise" else 0.0,
         "js_base": str(run["js_base"]),
         "seed": run["seed"],
         "dtype": run["dtype"],

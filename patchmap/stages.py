@@ -170,12 +170,12 @@ def heatmap(divergence_path, png, pdf):
 def lines(divergence_path, png, pdf):
     from .plot import save_lines
     ds = xr.load_dataset(divergence_path)
-    save_lines(ds, png, pdf, title=f"{ds.attrs['run']}: {ds.attrs['model']}, {ds.attrs['intervention']}")
+    save_lines(ds, png, pdf, title=f"{ds.attrs['run']}: {ds.attrs['model']}, {provenance.method(ds.attrs)}")
 
 
 def figure(config, figure_name, divergence_paths, png, pdf):
     from .plot import save_grid
     spec = config["figures"][figure_name]
     datasets = [xr.load_dataset(p) for p in divergence_paths]
-    titles = [f"{ds.attrs['model']} ({ds.attrs['intervention']})" for ds in datasets]
+    titles = [f"{ds.attrs['run']}: {ds.attrs['model']}, {provenance.method(ds.attrs)}" for ds in datasets]
     save_grid(datasets, titles, png, pdf, spec["columns"])
