@@ -12,12 +12,24 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 KNOWN_1000 = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_1000.json"
 
 
+NAMES = "Anna Boris Clara Dmitri Elena Farid Greta Hugo Ines Jonas Karin Luis Marta Nils Olga Pavel".split()
+PLACES = "France Chile Kenya Japan Peru Norway Egypt".split()
+
+
+def stand_in_facts():
+    """Facts in the known_1000 format, for a machine without ../shared/data."""
+    return [{"known_id": i, "subject": f"{a} {b}", "attribute": PLACES[i % len(PLACES)],
+             "prompt": f"{a} {b} is a citizen of", "relation_id": "P27"}
+            for i, (a, b) in enumerate((a, b) for a in NAMES for b in NAMES if a != b)]
+
+
+def known_facts():
+    return json.loads(KNOWN_1000.read_text()) if KNOWN_1000.exists() else stand_in_facts()
+
+
 def known_facts_text():
-    """Text to train a tokenizer on: the known_1000 prompts and answers when the file is here."""
-    if KNOWN_1000.exists():
-        rows = json.loads(KNOWN_1000.read_text())
-        return [f"{r['prompt']} {r['attribute']}" for r in rows]
-    return [f"Subject{i} is located in the country of Place{i % 7}" for i in range(500)]
+    """Text to train a tokenizer on: the prompts and answers of the facts the tests use."""
+    return [f"{r['prompt']} {r['attribute']}" for r in known_facts()]
 
 
 def bpe_tokenizer(texts, vocab_size=600):

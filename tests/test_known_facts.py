@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import xarray as xr
 import yaml
-from families import KNOWN_1000, bpe_tokenizer, known_facts_text, save_checkpoint
+from families import KNOWN_1000, bpe_tokenizer, known_facts_text, save_checkpoint, stand_in_facts
 from workflow_utils import snakemake, write_config
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
@@ -20,9 +20,7 @@ def known_run(tmp_path_factory):
     else:  # a stand-in in the same format
         import json
         source = workdir / "known_1000.json"
-        source.write_text(json.dumps([{"known_id": i, "subject": f"Subject{i}", "attribute": f"Place{i % 7}",
-                                       "prompt": f"Subject{i} is located in the country of", "relation_id": "P17"}
-                                      for i in range(300)]))
+        source.write_text(json.dumps(stand_in_facts()))
     tokenizer = bpe_tokenizer(known_facts_text())
     sites = {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
              "after": {"label": "First after", "component": "attn", "positions": "after_subject_first"}}
