@@ -92,3 +92,20 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
     ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                      "positions": site.positions, "js_base": base})
     return ds
+
+
+ENGINES = ("fast", "reference")
+
+
+def patch(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True, engine="fast",
+          **options):
+    """{site name: per-example metrics [example, layer]} for each site, by the chosen engine: `fast`
+    (patchmap.fast: many runs per block call, no recomputation a patch cannot change; `options` go to
+    it, e.g. max_tokens) or `reference` (patch_site: hooks on one full forward per layer)."""
+    if engine == "reference":
+        return {s.name: patch_site(model, pairs, acts, s, layers, batch_size, pad_id, base, progress)
+                for s in sites}
+    if engine != "fast":
+        raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
+    from .fast import patch_sites
+    return patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base, progress, **options)

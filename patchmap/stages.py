@@ -103,8 +103,10 @@ def patch(config, run_name, site_name, pairs_path, acts_path, shard, out):
     site = next(s for s in cfg.run_sites(config, run_name) if s.name == site_name)
     pairs = _shard(pairs_path, run, shard)
     acts = xr.load_dataset(acts_path)
-    ds = patching.patch_site(model, pairs, acts, site, layers, run["batch_size"], tokenizer.pad_token_id,
-                             cfg.js_base(run))
+    engine = run.get("engine", "fast")
+    log.info("patch %s, shard %s: %s engine", site.label, shard, engine)
+    ds = patching.patch(model, pairs, acts, [site], layers, run["batch_size"], tokenizer.pad_token_id,
+                        cfg.js_base(run), engine=engine)[site.name]
     write_netcdf(ds, out)
 
 
