@@ -345,15 +345,16 @@ def _site_groups(positions, lengths, use_prefix):
 
 @torch.no_grad()
 def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True,
-                max_tokens=None, fail_above=None, engine=None):
+                max_tokens=None, fail_above=None, engine_object=None):
     """Per-example metrics [example, layer] for each site, as patching.patch_site returns them, from one
-    clean run per batch of examples shared by every site."""
+    clean run per batch of examples shared by every site. `engine_object` reuses a FastEngine (its
+    stats then count this call too)."""
     import xarray as xr
 
     from .pairs import token_lists
     from .patching import site_positions
 
-    engine = engine or FastEngine(model, max_tokens=max_tokens, fail_above=fail_above)
+    engine = engine_object or FastEngine(model, max_tokens=max_tokens, fail_above=fail_above)
     targets = token_lists(pairs, "target_ids")
     n = len(targets)
     positions = {s.name: site_positions(pairs, s) for s in sites}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import UserError
 
@@ -117,7 +117,7 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
     check_supported(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=None, **kwargs)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = _load_tokenizer(source, kwargs)
     if not tokenizer.is_fast:
         raise UserError(f"the tokenizer of '{source}' is a slow tokenizer without offset mappings; "
                         "patchmap needs a fast tokenizer (tokenizer.json)")
@@ -125,6 +125,22 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_tokenizer(source, kwargs):
+    """AutoTokenizer, except that a local checkpoint whose tokenizer_config.json declares a generic fast
+    tokenizer gets exactly that: for some model types (Qwen2, Phi-3) transformers 5 would otherwise
+    rebuild the tokenizer with the family's pre-tokenizer, which breaks any other tokenizer.json."""
+    config_file = Path(source).expanduser() / "tokenizer_config.json"
+    if config_file.is_file():
+        import json
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared in GENERIC_TOKENIZERS:
+            return PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def weights_hash(source):
