@@ -73,7 +73,10 @@ class _PrefixCache(DynamicCache):
         super().__init__()
         self.prefix = (keys, values)
 
+    recorded = None
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded = (key_states, value_states)
         keys, values = self.prefix
         if keys.shape[2] == 0:
             return key_states, value_states
@@ -112,10 +115,10 @@ class FastEngine:
 
     `max_tokens` bounds runs x suffix positions per block call (default: from free GPU memory, or 16,384
     on the CPU). `fail_above` makes any forward over that many tokens raise an out-of-memory error, to
-    test the back-off.
+    test the back-off. `spans=False` turns off the source-prefix path for resid spans (_spans).
     """
 
-    def __init__(self, model, max_tokens=None, fail_above=None):
+    def __init__(self, model, max_tokens=None, fail_above=None, spans=True):
         self.model = model
         self.config = model.config
         models.check_supported(self.config.model_type)
@@ -131,6 +134,7 @@ class FastEngine:
         self.dtype = next(model.parameters()).dtype
         self.max_tokens = max_tokens or self._default_tokens()
         self.fail_above = fail_above
+        self.spans = spans
         self.stats = Counter()
         self._names = [_positional_names(b) for b in self.blocks]
         self._warned = set()
@@ -219,12 +223,12 @@ class FastEngine:
                             "use engine: reference")
         return _rows(clean_mask[:, :, start:end, :end], rows)
 
-    def _block_arguments(self, clean, layer, rows, start, end):
+    def _block_arguments(self, clean, layer, rows, start, end, prefix=None):
         out = {}
         for name, value in clean.arguments[layer].items():
             if name in CACHE_ARGUMENTS and value is not None:
                 keys, values = clean.kv[layer]
-                out[name] = _PrefixCache(keys[rows, :, :start], values[rows, :, :start])
+                out[name] = _PrefixCache(*(prefix or (keys[rows, :, :start], values[rows, :, :start])))
             elif name == "attention_mask":
                 out[name] = self._mask(value, rows, start, end)
             elif name == "position_embeddings" and isinstance(value, (tuple, list)):
@@ -238,11 +242,16 @@ class FastEngine:
                 out[name] = value
         return out
 
-    def _call_block(self, clean, layer, hidden, rows, start, end, patch=None):
-        """Apply block `layer` to hidden [N, S, H] of runs on examples `rows`; `patch` = (module, rows,
-        positions, values) writes the source activation into a component's output."""
-        kwargs = self._block_arguments(clean, layer, rows, start, end)
+    def _call_block(self, clean, layer, hidden, rows, start, end, patch=None, prefix=None, record=False):
+        """Apply block `layer` to hidden [N, S, H] of runs on examples `rows` at positions [start, end);
+        `patch` = (module, rows, positions, values) writes the source activation into a component's
+        output; `prefix` = (keys, values) of positions [0, start) replaces the clean ones; with `record`,
+        also return the keys and values the block computed."""
+        kwargs = self._block_arguments(clean, layer, rows, start, end, prefix)
         kwargs[clean.hidden_name[layer]] = hidden
+        if record:
+            cache = next(v for k, v in kwargs.items() if k in CACHE_ARGUMENTS and v is not None)
+            return _output_tensor(self.blocks[layer](**kwargs)), cache.recorded
         self._inject(hidden.shape[0] * hidden.shape[1])
         self.stats["block_tokens"] += hidden.shape[0] * hidden.shape[1]
         self.stats["attention_scores"] += hidden.shape[0] * hidden.shape[1] * end
@@ -261,10 +270,27 @@ class FastEngine:
             return _output_tensor(self.blocks[layer](**kwargs))
 
     @torch.no_grad()
-    def run_group(self, clean, component, examples, layer_ids, layers, positions, values, start, end):
+    def span_prefix(self, clean, examples, layers, values, start, stop, first_block):
+        """Keys and values at positions [start, stop) for blocks first_block.. of the *source* runs, when
+        the resid site is the whole span [start, stop) and the tokens before it are the target's: a run
+        patched there at layer l then equals the source at positions < stop in every block after l."""
+        ex = torch.as_tensor(examples, device=self.device)
+        index = {layer: li for li, layer in enumerate(layers)}
+        kv = {}
+        for block in range(first_block, self.n_layers):
+            hidden = values[ex, index[block - 1], :stop - start].to(self.dtype)
+            _, kv[block] = self._call_block(clean, block, hidden, ex, start, stop, record=True)
+        return kv
+
+    @torch.no_grad()
+    def run_group(self, clean, component, examples, layer_ids, layers, positions, values, start, end, span=None):
         """Last-position log-probs [len(layer_ids) * len(examples), V] of the runs (example, layer) for
         examples (indices into the clean batch) whose patched positions all lie in [start, end);
-        rows are ordered layer-major as in `layer_ids`."""
+        rows are ordered layer-major as in `layer_ids`. With `span` = stop (resid sites covering exactly
+        [start, stop) after a prefix equal to the source's), positions before `stop` come from the
+        source's keys and values (span_prefix) and only [stop, end) is computed."""
+        if span is not None:
+            return self._run_span(clean, examples, layer_ids, layers, values, start, span, end)
         ex = torch.as_tensor(examples, device=self.device)
         # where each example's source activation goes: (example row, position - start, slot)
         r_idx, p_idx, s_idx = [], [], []
@@ -307,6 +333,37 @@ class FastEngine:
         self.stats["patched_runs"] += len(rows)
         return torch.log_softmax(self.head(final), dim=-1), order
 
+    def _run_span(self, clean, examples, layer_ids, layers, values, start, stop, end):
+        ex = torch.as_tensor(examples, device=self.device)
+        local = torch.arange(len(examples), device=self.device)
+        first = min(layers[li] for li in layer_ids) + 1
+        kv = self.span_prefix(clean, examples, layers, values, start, stop, first)
+        joins = defaultdict(list)
+        for li in layer_ids:
+            joins[layers[li] + 1].append(li)
+        hidden, row_ex, row_local, order = None, [], [], []
+        for block in range(first, self.n_layers + 1):
+            for li in joins.get(block, []):
+                joining = clean.block_output(layers[li])[ex, stop:end]
+                hidden = joining if hidden is None else torch.cat([hidden, joining])
+                row_ex.append(ex)
+                row_local.append(local)
+                order.append(li)
+            if block == self.n_layers:
+                break
+            rows, rl = torch.cat(row_ex), torch.cat(row_local)
+            keys, vals = clean.kv[block]
+            prefix = (torch.cat([keys[rows, :, :start], kv[block][0][rl]], dim=2),
+                      torch.cat([vals[rows, :, :start], kv[block][1][rl]], dim=2))
+            hidden = self._call_block(clean, block, hidden, rows, stop, end, prefix=prefix)
+        rows = torch.cat(row_ex)
+        last = clean.lengths[rows] - 1 - stop
+        final = hidden[torch.arange(len(rows), device=self.device), last]
+        self.stats["span_runs"] += len(rows)
+        self.stats["head_rows"] += len(rows)
+        self.stats["patched_runs"] += len(rows)
+        return torch.log_softmax(self.head(final), dim=-1), order
+
     def chunks(self, n_examples, layer_ids, width):
         """Split (examples, layers) so that runs x suffix width stays within the token budget."""
         runs = max(1, self.max_tokens // max(width, 1))
@@ -334,13 +391,30 @@ class FastEngine:
         return None
 
 
-def _site_groups(positions, lengths, use_prefix):
-    """Examples grouped by their first patched position (0 for all when no prefix cache is used)."""
+def _site_groups(positions, lengths, use_prefix, spans=None):
+    """Examples grouped by their first patched position (0 for all when no prefix cache is used), and
+    by the end of their span where `spans[e]` says the span path applies (else None)."""
     groups = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
-            groups[min(ps) if use_prefix else 0].append(e)
-    return [(start, members, int(max(lengths[m] for m in members))) for start, members in sorted(groups.items())]
+            span = spans[e] if spans is not None else None
+            groups[(min(ps) if use_prefix else 0, span if span is not None else -1)].append(e)
+    return [(start, None if span < 0 else span, members, int(max(lengths[m] for m in members)))
+            for (start, span), members in sorted(groups.items())]
+
+
+def _spans(site, positions, lengths, layers, n_layers, target_ids, source_ids, use_prefix):
+    """For each example, the end of its patched span if the span path applies: a resid site whose
+    positions are one run [start, stop) before the last token, after tokens equal in target and source,
+    with the source activation of every layer from the first patched one on (it is the input of the
+    blocks after it). Else None."""
+    if site.component != "resid" or not use_prefix or not set(range(min(layers), n_layers - 1)) <= set(layers):
+        return None
+    out = []
+    for ps, n, t, s in zip(positions, lengths, target_ids, source_ids):
+        ok = ps and ps == list(range(ps[0], ps[-1] + 1)) and ps[-1] + 1 < n and t[:ps[0]] == s[:ps[0]]
+        out.append(ps[-1] + 1 if ok else None)
+    return out
 
 
 @torch.no_grad()
@@ -356,6 +430,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
 
     engine = engine_object or FastEngine(model, max_tokens=max_tokens, fail_above=fail_above)
     targets = token_lists(pairs, "target_ids")
+    sources = token_lists(pairs, "source_ids")
     n = len(targets)
     positions = {s.name: site_positions(pairs, s) for s in sites}
     results = {s.name: {k: np.zeros((n, len(layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
@@ -382,9 +457,11 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", model.config.model_type)
         for site in sites:
+            spans = _spans(site, positions[site.name][a:b], lengths[a:b], layers, engine.n_layers,
+                           targets[a:b], sources[a:b], use_prefix and engine.spans)
             _patch_site_batch(engine, clean, site, layers, positions[site.name][a:b], lengths[a:b],
                               acts, a, b, target_answer[a:b], source_answer[a:b], base,
-                              results[site.name], use_prefix)
+                              results[site.name], use_prefix, spans)
         bar.update(b - a)
     bar.close()
     out = {}
@@ -398,7 +475,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
 
 
 def _patch_site_batch(engine, clean, site, layers, positions, lengths, acts, a, b, target_answer,
-                      source_answer, base, out, use_prefix):
+                      source_answer, base, out, use_prefix, spans):
     values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
         engine.device, engine.dtype)
     layer_ids = list(range(len(layers)))
@@ -408,14 +485,15 @@ def _patch_site_batch(engine, clean, site, layers, positions, lengths, acts, a, 
                                  source_answer[e:e + 1], base)
             for k, v in same.items():
                 out[k][a + e, :] = v.cpu().numpy()[0]
-    for start, members, end in _site_groups(positions, lengths, use_prefix):
-        pending = [([members[i] for i in ex], lis) for ex, lis in engine.chunks(len(members), layer_ids, end - start)]
+    for start, span, members, end in _site_groups(positions, lengths, use_prefix, spans):
+        width = end - (start if span is None else span)
+        pending = [([members[i] for i in ex], lis) for ex, lis in engine.chunks(len(members), layer_ids, width)]
         while pending:
             examples, lis = pending.pop(0)
             result = engine.with_backoff(
                 lambda: engine.run_group(clean, site.component, examples, lis, layers, positions, values,
-                                         start, end),
-                len(examples) * len(lis) * (end - start), f"site {site.label}")
+                                         start, end, span),
+                len(examples) * len(lis) * width, f"site {site.label}")
             if result is None:
                 if len(examples) > 1:
                     half = len(examples) // 2

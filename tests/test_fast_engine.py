@@ -59,6 +59,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's waiting makes them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def family_world():
     return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
@@ -124,6 +133,22 @@ def test_fast_equals_reference_for_every_site(family_model, family_world):
     _assert_same(reference, fast)
     # the comparison means something: patching moves the distribution a lot somewhere
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
+
+
+def test_without_the_span_path_and_with_it_the_subject_row_agrees(family_world, load_family):
+    model, tokenizer = load_family("qwen2")
+    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    sites = [s for s in ALL_SITES if s.component == "resid"]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
+    reference = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                               engine="reference")
+    for spans in (True, False):
+        engine = FastEngine(model, spans=spans)
+        fast = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                              engine_object=engine)
+        _assert_same(reference, fast)
+        assert (engine.stats["span_runs"] > 0) == spans
 
 
 def test_layout_modules_exist_and_are_distinct(family_model):
