@@ -168,12 +168,16 @@ def main():
     parser.add_argument("--models", default="gpt2,llama")
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=0, help="output vocabulary size (0: the tokenizer's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions per engine (the fastest counts)")
     parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         directory, engine, examples, out, repeat = args.worker
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         worker(directory, engine, int(examples), out, int(repeat))
         return
     try:
@@ -192,7 +196,7 @@ def main():
             measured = {}
             for engine in engines:
                 out = os.path.join(tmp, f"{kind}-{engine}.npz")
-                proc = subprocess.run([sys.executable, __file__, "--worker", directory, engine, str(args.examples),
+                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", directory, engine, str(args.examples),
                                        out, str(args.repeat)], capture_output=True, text=True, cwd=root)
                 if proc.returncode != 0:
                     print(f"  {engine}: failed\n{proc.stderr[-2000:]}")
