@@ -37,7 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=1209)
     parser.add_argument("--subset", type=int, default=32, help="prompts for the reference comparison")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per clean run (and reference batch)")
+    parser.add_argument("--batch-size", type=int, default=256, help="examples per clean run (and reference batch)")
     parser.add_argument("--max-tokens", type=int, default=None, help="fast engine token budget (default: from free memory)")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer, width-64 stand-in on any device: checks that the script runs")
