@@ -14,8 +14,8 @@ model's forward; they go through its decoder blocks, called directly, on a sched
 - logits are computed only at each prompt's last position (final norm and output embedding applied
   to that position's hidden state; Gemma's final softcapping included).
 
-Examples are grouped by their first patched position, so a site at the last token computes one position
-per run. Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error
+Examples are grouped by their first patched position and their length, so a site at the last token
+computes one position per run and no run computes padding. Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error
 (CUDA or CPU) halves the chunk and retries it, with a warning in the log, so no result is lost or changed.
 The reference engine (patchmap.engine, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
@@ -392,15 +392,16 @@ class FastEngine:
 
 
 def _site_groups(positions, lengths, use_prefix, spans=None):
-    """Examples grouped by their first patched position (0 for all when no prefix cache is used), and
-    by the end of their span where `spans[e]` says the span path applies (else None)."""
+    """Examples grouped by their first patched position (0 for all when no prefix cache is used), by
+    the end of their span where `spans[e]` says the span path applies (else None), and by length, so
+    that no group computes padding."""
     groups = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
-            groups[(min(ps) if use_prefix else 0, span if span is not None else -1)].append(e)
-    return [(start, None if span < 0 else span, members, int(max(lengths[m] for m in members)))
-            for (start, span), members in sorted(groups.items())]
+            groups[(min(ps) if use_prefix else 0, span if span is not None else -1, int(lengths[e]))].append(e)
+    return [(start, None if span < 0 else span, members, end)
+            for (start, span, end), members in sorted(groups.items())]
 
 
 def _spans(site, positions, lengths, layers, n_layers, target_ids, source_ids, use_prefix):
