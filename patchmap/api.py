@@ -25,9 +25,10 @@ DEFAULT_SITES = {
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
                   js_base=2, known_only=True, intervention="swap", noise_scale=3.0, value="mean", window=1,
-                  progress=True):
+                  progress=True, engine="fast"):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
-    as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ..."""
+    as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
+    `engine` is "fast" (the default) or "reference", as in a run's config."""
     sites = [s if isinstance(s, Site) else Site.from_config(name, s)
              for name, s in (sites or DEFAULT_SITES).items()]
     base = math.e if js_base == "e" else float(js_base)
@@ -38,8 +39,8 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     acts = patching.extract_activations(model, pairs, sites, extracted, batch_size, tokenizer.pad_token_id, progress)
     if intervention == "ablate":
         acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
-    per_site = {s.name: patching.patch_site(model, pairs, acts, s, layers, batch_size, tokenizer.pad_token_id,
-                                            base, progress, window) for s in sites}
+    per_site = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id, base,
+                              progress, engine=engine, window=window)
     ds = merge_sites(per_site, sites, base, seed)
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
     ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(js_base)})

@@ -47,11 +47,13 @@ def hooks(pairs):
 
 
 def replace_hook(mask, values):
-    """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output."""
+    """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output. An output flattened
+    to [B * T, H] (OPT's fc2) is patched in the same places and keeps its shape."""
     def hook(module, args, output):
         hidden = _output_tensor(output)
-        patched = torch.where(mask[..., None], values.to(hidden.dtype), hidden)
-        return _with_tensor(output, patched)
+        shaped = hidden.view(*mask.shape, hidden.shape[-1])
+        patched = torch.where(mask[..., None], values.to(hidden.dtype), shaped)
+        return _with_tensor(output, patched.view(hidden.shape))
     return hook
 
 
@@ -117,7 +119,7 @@ def capture(model, ids, mask, positions, lengths, components, layers):
     pairs = [(component_module(model, c, l), capture_hook(store, (c, l))) for c in components for l in layers]
     with hooks(pairs):
         logprobs = last_logprobs(model, ids, mask, positions, lengths)
-    return store, logprobs
+    return {k: v.view(*ids.shape, v.shape[-1]) for k, v in store.items()}, logprobs
 
 
 @torch.no_grad()

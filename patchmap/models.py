@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import UserError
 
@@ -17,35 +17,65 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class Layout:
     """Where one architecture keeps its blocks (a dotted path from the model) and, inside each block,
-    its attention and MLP modules. `mlp` names the module whose output is added to the residual."""
+    its attention and MLP modules. `attn` and `mlp` name the modules whose outputs are added to the
+    residual stream (for Gemma 2/3 and OLMo 2 that is the norm applied after the attention or MLP).
+    `final` lists the modules (dotted paths from the model, applied in order; a missing one is skipped)
+    between the last block's output and the output embedding."""
     blocks: str
     attn: str
     mlp: str
+    final: tuple = ("model.norm",)
 
 
 _LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp")
+_POST_NORM = Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")
 LAYOUTS = {
-    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "mixtral": Layout("model.layers", "self_attn", "mlp"),
-    "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE, "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE, "phi": _LLAMA_LIKE, "phi3": _LLAMA_LIKE, "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE, "gpt2": Layout("transformer.h", "attn", "mlp"),
-    "gptj": Layout("transformer.h", "attn", "mlp"), "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp"),
-    "opt": Layout("model.decoder.layers", "self_attn", "fc2"),
+    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "mixtral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE, "gemma": _LLAMA_LIKE, "gemma2": _POST_NORM,
+    "gemma3_text": _POST_NORM, "phi": Layout("model.layers", "self_attn", "mlp", ("model.final_layernorm",)),
+    "phi3": _LLAMA_LIKE, "olmo": _LLAMA_LIKE, "olmo2": _POST_NORM,
+    "gpt2": Layout("transformer.h", "attn", "mlp", ("transformer.ln_f",)),
+    "gptj": Layout("transformer.h", "attn", "mlp", ("transformer.ln_f",)),
+    "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", ("gpt_neox.final_layer_norm",)),
+    # OPT's MLP has no module of its own: fc2's output (flattened to [batch * tokens, hidden]) is added
+    "opt": Layout("model.decoder.layers", "self_attn", "fc2",
+                  ("model.decoder.final_layer_norm", "model.decoder.project_out")),
 }
 
 
-def layout_for(model):
-    model_type = model.config.model_type
+def check_supported(model_type):
     if model_type not in LAYOUTS:
         raise UserError(f"unsupported model architecture '{model_type}'; supported: "
                         + ", ".join(sorted(LAYOUTS)))
-    return LAYOUTS[model_type]
+
+
+def layout_for(model):
+    check_supported(model.config.model_type)
+    return LAYOUTS[model.config.model_type]
 
 
 def _get(obj, dotted):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def final_modules(model):
+    """The modules between the last block's output and the output embedding, in order."""
+    out = []
+    for path in layout_for(model).final:
+        module = _get(model, path) if _has(model, path) else None
+        if module is not None:
+            out.append(module)
+    return out
+
+
+def _has(obj, dotted):
+    try:
+        _get(obj, dotted)
+        return True
+    except AttributeError:
+        return False
 
 
 def blocks(model):
@@ -91,9 +121,7 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
         raise UserError(f"model path '{source}' does not exist (or is not a directory)")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(source, **kwargs)
-    if config.model_type not in LAYOUTS:
-        raise UserError(f"unsupported model architecture '{config.model_type}'; supported: "
-                        + ", ".join(sorted(LAYOUTS)))
+    check_supported(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
                                                      use_safetensors=None if allow_pickle else True, **kwargs)
@@ -103,9 +131,25 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
                             "the config to load pickled (.bin) weights from a source you trust") from None
         raise
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = _load_tokenizer(source, kwargs)
     check_fast_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_tokenizer(source, kwargs):
+    """AutoTokenizer, except that a local checkpoint whose tokenizer_config.json declares a generic fast
+    tokenizer gets exactly that: for some model types (Qwen2, Phi-3) transformers 5 would otherwise
+    rebuild the tokenizer with the family's pre-tokenizer, which breaks any other tokenizer.json."""
+    config_file = Path(source).expanduser() / "tokenizer_config.json"
+    if config_file.is_file():
+        import json
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared in GENERIC_TOKENIZERS:
+            return PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
+    return AutoTokenizer.from_pretrained(source, **kwargs)

@@ -139,3 +139,26 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
     ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                      "positions": site.positions, "js_base": base, "window": window})
     return ds
+
+
+ENGINES = ("fast", "reference")
+
+
+def patch(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True, engine="fast",
+          window=1, **options):
+    """{site name: per-example metrics [example, layer]} for each site, by the chosen engine: `fast`
+    (patchmap.fast: many runs per block call, no recomputation a patch cannot change; `options` go to
+    it, e.g. max_tokens) or `reference` (patch_site: hooks on one full forward per layer). The fast
+    engine covers single-layer swap and ablate patching; other methods fall back to the reference."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
+    intervention = pairs.attrs.get("intervention", "swap")
+    if engine == "fast" and (intervention not in ("swap", "ablate") or window != 1):
+        log.info("the fast engine does not do %s%s; using the reference engine",
+                 intervention, f" with window {window}" if window != 1 else "")
+        engine = "reference"
+    if engine == "reference":
+        return {s.name: patch_site(model, pairs, acts, s, layers, batch_size, pad_id, base, progress, window)
+                for s in sites}
+    from .fast import patch_sites
+    return patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base, progress, **options)

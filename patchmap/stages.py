@@ -133,8 +133,8 @@ def patch(config, run_name, site_name, pairs_path, acts_path, shard, out, ablati
         acts = xr.load_dataset(acts_path)
     log.info("patching site %s (%s@%s), shard %s: %d examples x %d layers", site.label, site.component,
              site.positions, shard, pairs.sizes["example"], len(layers))
-    ds = patching.patch_site(model, pairs, acts, site, layers, run["batch_size"], tokenizer.pad_token_id,
-                             cfg.js_base(run), window=run["window"])
+    ds = patching.patch(model, pairs, acts, [site], layers, run["batch_size"], tokenizer.pad_token_id,
+                        cfg.js_base(run), engine=run["engine"], window=run["window"])[site.name]
     write_netcdf(ds, out)
 
 

@@ -1,0 +1,239 @@
+"""CPU benchmark: the reference and the fast patching engine on the same job, in one run.
+
+    .venv/bin/python benchmarks/cpu_engines.py                      # GPT-2-small- and Llama-shaped
+    .venv/bin/python benchmarks/cpu_engines.py --models llama --examples 8      # a quick look
+
+Two random-weight models of GPT-2-small shape (12 layers, width 768, 12 heads, MLP 3072) and of Llama shape
+(12 layers, width 768, 12 heads, MLP 2048) are built from transformers configs, saved with save_pretrained
+and loaded through patchmap.models.load. The job: 32 synthetic prompts (about 12 tokens each, the word-level
+tokenizer of the built-in world; `--vocab` pads the output vocabulary, e.g. 50257), 3 sites (Subj. = resid at
+the subject, Attn. = attn at the last token, Last. = resid at the last token), every layer. Each engine runs
+in its own process (so peak memory is its own); the source activations are extracted once per model and
+shared. The table gives the patch-stage time, patched runs per second, the speed-up over the reference, the
+peak resident memory of the process and its growth during patching, and checks that the numbers agree.
+If nnsight is importable, the same job is timed with it too (one traced forward per site and layer).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SITES = {
+    "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
+    "attn": {"label": "Attn.", "component": "attn", "positions": "last"},
+    "last": {"label": "Last.", "component": "resid", "positions": "last"},
+}
+SHAPES = {
+    "gpt2": "GPT-2-small shape: 12 layers, width 768, 12 heads, MLP 3072",
+    "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048",
+}
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(kind, directory, vocab):
+    import torch
+    import transformers
+
+    from patchmap import synthetic
+    from patchmap.builtin import word_tokenizer
+
+    world = synthetic.make_world(seed=0)
+    tokenizer = word_tokenizer(synthetic.vocabulary(world))
+    size = max(vocab, len(tokenizer))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=size, n_embd=768, n_layer=12, n_head=12, n_positions=128, **ids)
+    else:
+        config = transformers.LlamaConfig(vocab_size=size, hidden_size=768, intermediate_size=2048,
+                                          num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                          max_position_embeddings=128, tie_word_embeddings=False, **ids)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _job(directory, examples):
+    from patchmap import models, patching, synthetic
+    from patchmap.pairs import make_pairs
+    from patchmap.sites import Site
+
+    model, tokenizer = models.load(directory)
+    facts = synthetic.facts(synthetic.make_world(seed=0))
+    pairs = make_pairs(model, tokenizer, facts, examples=examples, seed=0, known_only=False)
+    sites = [Site.from_config(k, v) for k, v in SITES.items()]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, examples, tokenizer.pad_token_id, False)
+    return model, tokenizer, pairs, sites, layers, acts
+
+
+def worker(directory, engine, examples, out, repeat=2):
+    """One engine on the job; writes its metrics (npz) and a JSON line with time and memory. After a
+    warm-up on 4 examples the job runs `repeat` times; the fastest counts (the machine is shared)."""
+    import torch
+
+    from patchmap import patching
+    from patchmap.fast import FastEngine
+
+    model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
+
+    def run(pairs, acts):
+        if engine == "nnsight":
+            return nnsight_patch(model, pairs, acts, sites, layers, tokenizer.pad_token_id), {}
+        if engine == "fast":
+            fast = FastEngine(model)
+            return patching.patch(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id,
+                                  progress=False, engine_object=fast), dict(fast.stats)
+        return patching.patch(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id,
+                              progress=False, engine="reference"), {}
+
+    few = slice(0, min(4, examples))
+    run(pairs.isel(example=few), acts.isel(example=few))  # warm-up: first calls of kernels, lazy weights
+    before = _rss_mb()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        results, extra = run(pairs, acts)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
+    np.savez(out, **{f"{s}:{k}": results[s][k].values for s in results for k in ("js", "kl_patched_target",
+                                                                                   "p_source_answer")})
+    runs = len(pairs["example"]) * len(sites) * len(layers)
+    # block x position evaluations: the reference runs, per site and batch, the target and one patched
+    # forward per layer over the padded batch; the fast engine's are counted by the engine
+    lengths = pairs["length"].values
+    padded = sum(len(lengths[a:a + examples]) * int(lengths[a:a + examples].max())
+                 for a in range(0, len(lengths), examples))
+    reference_work = len(sites) * (len(layers) + 1) * padded * len(layers)
+    fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
+    print(json.dumps({"engine": engine, "seconds": seconds, "runs": runs, "peak_mb": _rss_mb(),
+                      "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
+                      "prompt_tokens": float(pairs["length"].mean()),
+                      "reference_work": reference_work, "fast_work": fast_work}))
+
+
+def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
+    """The same job with nnsight: one traced forward per (site, layer), the batch's source activation
+    written into the module's output. Metrics computed as the engines do."""
+    import torch
+    from nnsight import NNsight
+
+    from patchmap import models
+    from patchmap.engine import last_logprobs, pad_batch, position_mask
+    from patchmap.metrics import patch_metrics
+    from patchmap.pairs import token_lists
+    from patchmap.patching import _source_values, site_positions
+
+    wrapped = NNsight(model)
+    targets = token_lists(pairs, "target_ids")
+    ids, mask, pos, lengths = pad_batch(targets, pad_id, "cpu")
+    target = last_logprobs(model, ids, mask, pos, lengths)
+    answers = [torch.as_tensor(pairs[f"{r}_answer"].values) for r in ("target", "source")]
+    layout = models.layout_for(model)
+    results = {}
+    for site in sites:
+        where = site_positions(pairs, site)
+        patch_mask = position_mask(where, ids.shape[1], "cpu")
+        values = _source_values(acts, site, layers, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
+        per_layer = []
+        for layer in layers:
+            envoy = wrapped
+            for part in layout.blocks.split("."):
+                envoy = getattr(envoy, part)
+            envoy = envoy[layer]
+            if site.component != "resid":
+                envoy = getattr(envoy, getattr(layout, site.component))
+            with torch.no_grad(), wrapped.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
+                output = envoy.output
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden[patch_mask] = values[layer][patch_mask]
+                logits = wrapped.output.logits.save()
+            last = torch.log_softmax(logits[torch.arange(len(lengths)), lengths - 1].float(), -1)
+            per_layer.append(patch_metrics(last, target, *answers))
+        results[site.name] = {k: _Values(torch.stack([m[k] for m in per_layer], 1).numpy()) for k in per_layer[0]}
+    return results
+
+
+class _Values:
+    def __init__(self, values):
+        self.values = values
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=0, help="output vocabulary size (0: the tokenizer's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed repetitions per engine (the fastest counts)")
+    parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        directory, engine, examples, out, repeat = args.worker
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        worker(directory, engine, int(examples), out, int(repeat))
+        return
+    try:
+        import nnsight  # noqa: F401
+        engines = ["reference", "fast", "nnsight"]
+    except ImportError:
+        engines = ["reference", "fast"]
+        print("nnsight is not installed: timing the reference and the fast engine only")
+    root = Path(__file__).resolve().parent.parent
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.models.split(","):
+            directory = os.path.join(tmp, kind)
+            build(kind, directory, args.vocab)
+            print(f"{kind}: {SHAPES[kind]}", flush=True)
+            measured = {}
+            for engine in engines:
+                out = os.path.join(tmp, f"{kind}-{engine}.npz")
+                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", directory, engine, str(args.examples),
+                                       out, str(args.repeat)], capture_output=True, text=True, cwd=root)
+                if proc.returncode != 0:
+                    print(f"  {engine}: failed\n{proc.stderr[-2000:]}")
+                    continue
+                measured[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+                measured[engine]["metrics"] = dict(np.load(out))
+                m = measured[engine]
+                print(f"  {engine}: {m['seconds']:.1f} s", flush=True)
+            reference = measured.get("reference")
+            for engine, m in measured.items():
+                agree = "-"
+                if reference and engine != "reference":
+                    agree = max(float(np.abs(m["metrics"][k] - reference["metrics"][k]).max()) for k in m["metrics"])
+                    agree = f"{agree:.1e}"
+                ratio = reference["seconds"] / m["seconds"] if reference else float("nan")
+                rows.append((kind, engine, m["seconds"], m["runs"] / m["seconds"], ratio, m["peak_mb"],
+                             m["peak_mb"] - m["before_mb"], agree))
+            if "fast" in measured:
+                m = measured["fast"]
+                print(f"  block x position evaluations: reference {m['reference_work']}, fast {m['fast_work']} "
+                      f"({m['stats'].get('block_calls', 0)} block calls): {m['reference_work'] / m['fast_work']:.1f}x "
+                      f"less work; mean prompt {m['prompt_tokens']:.1f} tokens")
+    threads = next(iter(measured.values()))["threads"] if measured else "?"
+    print(f"\n{args.examples} prompts x {len(SITES)} sites x every layer; torch threads: {threads}\n")
+    print("| model | engine | seconds | patched runs/s | speed-up | peak RSS MB | RSS growth MB | max abs diff |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind, engine, seconds, rate, ratio, peak, growth, agree in rows:
+        print(f"| {kind} | {engine} | {seconds:.2f} | {rate:.0f} | {ratio:.1f}x | {peak:.0f} | {growth:.0f} | {agree} |")
+
+
+if __name__ == "__main__":
+    main()

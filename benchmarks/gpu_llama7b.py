@@ -1,0 +1,135 @@
+"""GPU benchmark: the fast engine on a Llama-2-7B-shaped model, the paper-sized job.
+
+    python benchmarks/gpu_llama7b.py                 # 1,209 prompts x 3 sites x 32 layers, then the reference
+    python benchmarks/gpu_llama7b.py --examples 200 --subset 16     # shorter
+
+NOT RUN in the session that wrote it: no GPU was available there, so it claims no numbers. It needs one
+CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no download: the
+model is a Llama-2-7B config (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32000) with random
+bf16 weights built on the GPU, and the prompts are the built-in synthetic facts (about 10 tokens each,
+word-level tokenizer; token ids are far below the vocabulary size).
+
+It prints the patch-stage time of the fast engine for all prompts x 3 sites (Subj., Attn., Last.) x every
+layer, patched runs per second, and the achieved TFLOP/s counting only the FLOPs the schedule needs
+(matrix multiplies of the blocks for the positions computed, attention scores, the output head at one
+position per run, and the clean runs); then, on the first `--subset` prompts, the reference engine's time
+on the same work, the speed-up, and the largest difference between the engines' numbers.
+"""
+
+import argparse
+import time
+
+import torch
+
+
+def flops(model, stats, clean_positions_sq):
+    """FLOPs the fast engine's schedule performed, from its counters (multiply-add = 2 FLOPs)."""
+    config = model.config
+    block = sum(p.numel() for n, p in model.model.layers[0].named_parameters() if p.dim() == 2)
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    patched = 2 * block * stats["block_tokens"] + 4 * hidden * stats["attention_scores"] \
+        + 2 * hidden * vocab * stats["head_rows"]
+    clean = 2 * (block * layers + hidden * vocab) * stats["clean_tokens"] + 4 * hidden * layers * clean_positions_sq
+    return patched + clean
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=1209)
+    parser.add_argument("--subset", type=int, default=32, help="prompts for the reference comparison")
+    parser.add_argument("--batch-size", type=int, default=256, help="examples per clean run (and reference batch)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="fast engine token budget (default: from free memory)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 2-layer, width-64 stand-in on any device: checks that the script runs")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" and not args.smoke:
+        raise SystemExit("this benchmark needs a CUDA GPU (or --smoke to check the script on the CPU)")
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    import transformers
+
+    from patchmap import patching, synthetic
+    from patchmap.builtin import word_tokenizer
+    from patchmap.fast import FastEngine
+    from patchmap.pairs import make_pairs
+    from patchmap.sites import Site
+
+    world = synthetic.make_world(seed=0)
+    tokenizer = word_tokenizer(synthetic.vocabulary(world))
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.smoke:
+        config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000})
+        args.examples, args.subset = min(args.examples, 24), min(args.subset, 8)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    print(f"built a Llama-2-7B-shaped model ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+          f"bf16, {model.config._attn_implementation}) in {time.perf_counter() - start:.0f} s on "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+
+    facts = synthetic.facts(world)
+    pairs = make_pairs(model, tokenizer, facts, examples=args.examples, seed=0, known_only=False,
+                       batch_size=args.batch_size)
+    n = pairs.sizes["example"]
+    sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
+             Site("last", "Last.", "resid", "last")]
+    layers = list(range(config.num_hidden_layers))
+    pad = tokenizer.pad_token_id
+    start = time.perf_counter()
+    acts = patching.extract_activations(model, pairs, sites, layers, args.batch_size, pad, progress=False)
+    print(f"{n} pairs, mean prompt {float(pairs['length'].mean()):.1f} tokens; extract stage "
+          f"{time.perf_counter() - start:.0f} s")
+
+    # warm-up (kernels, allocator), then the timed patch stage
+    few = slice(0, min(8, n))
+    patching.patch(model, pairs.isel(example=few), acts.isel(example=few), sites, layers, args.batch_size, pad,
+                   progress=False)
+    engine = FastEngine(model, max_tokens=args.max_tokens)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fast = patching.patch(model, pairs, acts, sites, layers, args.batch_size, pad, progress=False,
+                          engine_object=engine)
+    sync()
+    seconds = time.perf_counter() - start
+    runs = n * len(sites) * len(layers)
+    lengths = pairs["length"].values.astype(float)
+    total = flops(model, engine.stats, float((lengths ** 2).sum()))
+    print(f"\nfast engine, patch stage: {n} prompts x {len(sites)} sites x {len(layers)} layers = {runs} runs")
+    print(f"  {seconds:.1f} s, {runs / seconds:.0f} patched runs/s, {total / seconds / 1e12:.1f} TFLOP/s achieved "
+          f"({total / 1e12:.1f} TFLOP in the schedule), peak GPU memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan'):.1f} GiB, token budget {engine.max_tokens}, "
+          f"out-of-memory retries {engine.stats['oom_retries']}")
+
+    k = min(args.subset, n)
+    sub_pairs, sub_acts = pairs.isel(example=slice(0, k)), acts.isel(example=slice(0, k))
+    timings = {}
+    for name in ("reference", "fast"):
+        sync()
+        start = time.perf_counter()
+        result = patching.patch(model, sub_pairs, sub_acts, sites, layers, args.batch_size, pad, progress=False,
+                                engine=name)
+        sync()
+        timings[name] = (time.perf_counter() - start, result)
+    difference = max(float(abs(timings["fast"][1][s.name][m] - timings["reference"][1][s.name][m]).max())
+                     for s in sites for m in ("js", "p_target_answer", "p_source_answer"))
+    print(f"\nsubset of {k} prompts: reference {timings['reference'][0]:.1f} s, fast {timings['fast'][0]:.1f} s, "
+          f"speed-up {timings['reference'][0] / timings['fast'][0]:.1f}x; max |difference| (js, p) {difference:.2e} "
+          "(bf16: both engines round differently)")
+    js = {s.label: float(fast[s.name]["js"].mean()) for s in sites}
+    print(f"mean JS per site (random weights, so only a sanity check): {js}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The fast engine against the reference engine, on tiny random-weight models of every supported family
+(saved with save_pretrained and loaded through patchmap.models.load, the real from_pretrained path)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from patchmap import models, patching, synthetic
+from patchmap.builtin import word_tokenizer
+from patchmap.errors import UserError
+from patchmap.fast import FastEngine, is_out_of_memory
+from patchmap.metrics import METRICS
+from patchmap.pairs import make_pairs
+from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+
+ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
+TOLERANCE = 1e-5
+INIT = 0.3  # large random weights: sharp, very different next-token distributions, so differences show
+
+
+def _ids(tok):
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _llama_like(cls, tok, **extra):
+    return cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               initializer_range=INIT, tie_word_embeddings=False, **_ids(tok), **extra)
+
+
+FAMILIES = {
+    "llama": lambda t: _llama_like(transformers.LlamaConfig, t),
+    "mistral": lambda t: _llama_like(transformers.MistralConfig, t, sliding_window=5),
+    "qwen2": lambda t: _llama_like(transformers.Qwen2Config, t),
+    "gemma2": lambda t: _llama_like(transformers.Gemma2Config, t, head_dim=8, sliding_window=5,
+                                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
+                                    query_pre_attn_scalar=8),
+    "gemma3_text": lambda t: _llama_like(transformers.Gemma3TextConfig, t, head_dim=8, sliding_window=5,
+                                         final_logit_softcapping=5.0, query_pre_attn_scalar=8,
+                                         layer_types=["sliding_attention", "full_attention",
+                                                      "sliding_attention"]),
+    "gpt2": lambda t: transformers.GPT2Config(vocab_size=len(t), n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                              initializer_range=INIT, **_ids(t)),
+    "gpt_neox": lambda t: transformers.GPTNeoXConfig(vocab_size=len(t), hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=3, num_attention_heads=4,
+                                                     max_position_embeddings=64, initializer_range=INIT,
+                                                     **_ids(t)),
+    "gptj": lambda t: transformers.GPTJConfig(vocab_size=len(t), n_embd=32, n_layer=3, n_head=4, rotary_dim=4,
+                                              n_positions=64, initializer_range=INIT, **_ids(t)),
+    "opt": lambda t: transformers.OPTConfig(vocab_size=len(t), hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
+                                            init_std=INIT, **_ids(t)),
+    "phi": lambda t: transformers.PhiConfig(vocab_size=len(t), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
+                                            initializer_range=INIT, **_ids(t)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's waiting makes them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def family_world():
+    return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
+
+
+def _save_and_load(name, world, directory):
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(synthetic.vocabulary(world))
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model, tokenizer = models.load(str(directory))
+    assert model.config.model_type == name
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request, tmp_path_factory, family_world):
+    return _save_and_load(request.param, family_world, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def load_family(tmp_path_factory, family_world):
+    loaded = {}
+
+    def load(name):
+        if name not in loaded:
+            loaded[name] = _save_and_load(name, family_world, tmp_path_factory.mktemp(name))
+        return loaded[name]
+    return load
+
+
+def _pairs(model, tokenizer, world, examples=10, seed=1):
+    return make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False)
+
+
+def _both(model, tokenizer, pairs, sites, batch_size=5, **options):
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
+    reference = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
+                               progress=False, engine="reference")
+    fast = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
+                          progress=False, engine="fast", **options)
+    return reference, fast
+
+
+def _assert_same(reference, fast):
+    for name, ref in reference.items():
+        got = fast[name]
+        assert got.attrs == ref.attrs and list(got.data_vars) == list(ref.data_vars)
+        assert got["js"].dims == ref["js"].dims and (got["example"].values == ref["example"].values).all()
+        for metric in METRICS:
+            assert got[metric].dtype == ref[metric].dtype, (name, metric)
+            difference = np.abs(got[metric].values.astype(np.float64) - ref[metric].values.astype(np.float64))
+            assert difference.max() <= TOLERANCE, (name, metric, float(difference.max()))
+
+
+def test_fast_equals_reference_for_every_site(family_model, family_world):
+    model, tokenizer = family_model
+    pairs = _pairs(model, tokenizer, family_world)
+    assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
+    reference, fast = _both(model, tokenizer, pairs, ALL_SITES)
+    _assert_same(reference, fast)
+    # the comparison means something: patching moves the distribution a lot somewhere
+    assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
+
+
+def test_without_the_span_path_and_with_it_the_subject_row_agrees(family_world, load_family):
+    model, tokenizer = load_family("qwen2")
+    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    sites = [s for s in ALL_SITES if s.component == "resid"]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
+    reference = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                               engine="reference")
+    for spans in (True, False):
+        engine = FastEngine(model, spans=spans)
+        fast = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                              engine_object=engine)
+        _assert_same(reference, fast)
+        assert (engine.stats["span_runs"] > 0) == spans
+
+
+def test_layout_modules_exist_and_are_distinct(family_model):
+    model, _ = family_model
+    for layer in range(models.n_layers(model)):
+        modules = [models.component_module(model, c, layer) for c in COMPONENTS]
+        assert len({id(m) for m in modules}) == 3
+    assert models.final_modules(model), "every family has a final norm"
+
+
+def test_padded_batch_equals_one_at_a_time(family_world, load_family):
+    model, tokenizer = load_family("llama")
+    pairs = _pairs(model, tokenizer, family_world, examples=12, seed=2)
+    assert len(set(pairs["length"].values.tolist())) > 1
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 12, tokenizer.pad_token_id, False)
+    together = patching.patch(model, pairs, acts, ALL_SITES, layers, 12, tokenizer.pad_token_id, progress=False)
+    alone = patching.patch(model, pairs, acts, ALL_SITES, layers, 1, tokenizer.pad_token_id, progress=False)
+    for name in together:
+        for metric in METRICS:
+            np.testing.assert_allclose(together[name][metric].values, alone[name][metric].values, atol=TOLERANCE)
+
+
+def test_small_chunks_and_a_layer_subset_give_the_same_numbers(family_world, load_family):
+    model, tokenizer = load_family("gpt2")
+    pairs = _pairs(model, tokenizer, family_world, examples=6)
+    sites, layers = ALL_SITES[::4], [2, 0]
+    acts = patching.extract_activations(model, pairs, sites, layers, 6, tokenizer.pad_token_id, False)
+    reference = patching.patch(model, pairs, acts, sites, layers, 6, tokenizer.pad_token_id, progress=False,
+                               engine="reference")
+    fast = patching.patch(model, pairs, acts, sites, layers, 6, tokenizer.pad_token_id, progress=False,
+                          max_tokens=7)
+    _assert_same(reference, fast)
+
+
+def test_out_of_memory_backs_off_without_changing_results(family_world, load_family, caplog):
+    model, tokenizer = load_family("llama")
+    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    sites = [ALL_SITES[0], ALL_SITES[7]]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
+    plain = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False)
+    engine = FastEngine(model, max_tokens=10_000, fail_above=40)
+    with caplog.at_level(logging.WARNING, logger="patchmap.fast"):
+        backed_off = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                                    engine_object=engine)
+    assert engine.stats["oom_retries"] > 0 and engine.max_tokens <= 40
+    assert "out of memory" in caplog.text and "retrying in smaller chunks" in caplog.text
+    for name in plain:
+        for metric in METRICS:
+            np.testing.assert_allclose(backed_off[name][metric].values, plain[name][metric].values, atol=1e-6)
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+                                         "allocate memory: you tried to allocate 1099511627776 bytes"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_unknown_architecture_is_named_by_the_fast_engine():
+    from transformers import BertConfig, BertLMHeadModel
+    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, is_decoder=True))
+    with pytest.raises(UserError, match="unsupported model architecture 'bert'; supported: .*gpt2.*llama"):
+        FastEngine(model)
+
+
+def test_config_chooses_the_engine():
+    from patchmap import config as cfg
+    schema = cfg.schema()
+    engine = schema["properties"]["runs"]["additionalProperties"]["properties"]["engine"]
+    assert engine["enum"] == ["fast", "reference"] and engine["default"] == "fast"
+
+
