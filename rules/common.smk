@@ -1,4 +1,5 @@
 # Config validation (schema + cross-references) and the small functions the rules share.
+import os
 import re
 import sys
 
@@ -9,6 +10,10 @@ try:
     cfg.validate(config)
 except UserError as error:
     sys.exit(f"patchmap: {error}")
+
+
+# envs/patchmap.yaml installs patchmap from here (`-e ${PATCHMAP_ROOT}`) when --use-conda makes the env.
+os.environ.update(PATCHMAP_ROOT=os.path.abspath(workflow.basedir))
 
 
 wildcard_constraints:
