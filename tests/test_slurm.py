@@ -5,7 +5,6 @@ result must equal a local run's bit for bit. Skipped when no SLURM cluster answe
 PATCHMAP_REQUIRE_SLURM=1 (set by .ci/run), where that is a failure.
 """
 
-import copy
 import os
 import re
 import shutil
@@ -19,14 +18,22 @@ import pytest
 import xarray as xr
 import yaml
 
-from test_workflow import REPO, TINY, write_config
-
 pytestmark = pytest.mark.slurm
 
+REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 420  # seconds for one snakemake run; a run whose status checks fail can hang
-CONFIG = copy.deepcopy(TINY)
-CONFIG["runs"]["tiny"].update(shard_size=6, sites=["subj", "attn"])  # two shards: two GPU group jobs
-CONFIG["models"]["tiny"]["resources"] = {"gpus": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}
+# the tiny config of test_workflow.py, with two shards (two GPU group jobs) of two sites, and resources
+# that fit the one-node test cluster (2 CPUs, 2 fake GPUs)
+CONFIG = {
+    "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
+                                    "train": {"max_steps": 20, "batch_size": 16, "eval_every": 10}},
+                        "resources": {"gpus": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}}},
+    "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
+    "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
+              "attn": {"label": "Attn.", "component": "attn", "positions": "last"}},
+    "runs": {"tiny": {"model": "tiny", "dataset": "tiny-facts", "sites": ["subj", "attn"],
+                      "examples": 12, "shard_size": 6, "batch_size": 4, "known_only": False}},
+}
 SHARDS, SITES = 2, 2
 GPU_LOGS = ["results/models/logs/tiny.log", "results/tiny/logs/pairs.log", "results/tiny/logs/extract/*.log",
             "results/tiny/logs/patch/*/*.log"]
@@ -47,6 +54,11 @@ def slurm_problem():
     except ImportError:
         return "snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')"
     return None
+
+
+def write_config(workdir, config):
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def slurm_config():
