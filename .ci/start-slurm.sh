@@ -20,7 +20,13 @@ FAKE_GPUS="${FAKE_GPUS:-2}"
 CONF=/etc/slurm
 LOGDIR=/var/log/slurm
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: the daemon named by the PID file runs (not a zombie, not another program on a reused PID)
+alive() {
+  local pid name; [ -f "$1" ] || return 1; pid=$(cat "$1"); name=$(basename "$1" .pid)
+  [ -r "/proc/$pid/status" ] || return 1
+  grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" && return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
+}
 stop_pidfile() {
   alive "$1" || return 0
   local pid; pid=$(cat "$1"); kill "$pid"
@@ -55,7 +61,8 @@ install -d -o munge -g munge -m 0755 /run/munge
 [ -s /etc/munge/munge.key ] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
 chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
 alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-munge -n | unmunge >/dev/null
+for _ in $(seq 40); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
+munge -n | unmunge >/dev/null  # fails loudly if munge still does not answer
 
 install -d -o slurm -g slurm -m 0755 /run/slurm "$LOGDIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
 
