@@ -135,6 +135,6 @@ def test_conda_creates_the_envs(tmp_path):
     for env in envs:
         probe = subprocess.run(["conda", "run", "-p", str(env), "python", "-c",
                                 "import patchmap, torch, transformers, xarray; print(patchmap.__file__)"],
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600, cwd=tmp_path)  # not from ./patchmap
         assert probe.returncode == 0, probe.stderr[-2000:]
         assert Path(probe.stdout.strip()).resolve().is_relative_to(REPO.resolve()), probe.stdout
