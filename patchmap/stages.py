@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import platform
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ def reported_errors(log_path=None):
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
                         force=True)
+    log_where()
     try:
         yield
     except UserError as e:
@@ -39,6 +42,14 @@ def download_dataset(config, dataset_name, out):
     dataset = config["datasets"][dataset_name]
     digest = data.download(dataset["url"], out, dataset.get("sha256"))
     log.info("downloaded %s to %s (sha256 %s)", dataset["url"], out, digest)
+
+
+def log_where():
+    """One line naming the host, the SLURM job and the GPUs the job was given (CUDA_VISIBLE_DEVICES)."""
+    env = os.environ
+    slurm = f"SLURM job {env['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in env else "no SLURM job"
+    log.info("host %s, %s, CUDA_VISIBLE_DEVICES=%s", platform.node(), slurm,
+             env.get("CUDA_VISIBLE_DEVICES", "(unset)"))
 
 
 def make_facts(config, run_name, out):

@@ -1,4 +1,5 @@
 # Config validation (schema + cross-references) and the small functions the rules share.
+import os
 import re
 import sys
 
@@ -9,6 +10,10 @@ try:
     cfg.validate(config)
 except UserError as error:
     sys.exit(f"patchmap: {error}")
+
+
+# envs/patchmap.yaml installs patchmap from here (`-e ${PATCHMAP_ROOT}`) when --use-conda makes the env.
+os.environ.update(PATCHMAP_ROOT=os.path.abspath(workflow.basedir))
 
 
 wildcard_constraints:
@@ -50,3 +55,32 @@ def patch_files(wildcards):
         site: expand("results/{run}/patch/{site}/{shard}.nc", run=wildcards.run, site=site, shard=shards(wildcards.run))
         for site in run_of(wildcards)["sites"]
     }
+
+
+# Cluster resources of the jobs that run a model (pairs, extract, patch, train_builtin_model), from the
+# model's `resources` block in the config (schema defaults fit the built-in model). Local runs use
+# `cpus` as the job's threads (capped by --cores) and ignore the rest; profiles/slurm turns them into
+# sbatch options (--gpus, --cpus-per-task, --mem, -t). A retry (--retries) asks for more memory and time.
+def model_name(wildcards):
+    """The model a job runs: its {model} wildcard, or its run's model."""
+    return wildcards.model if "model" in wildcards.keys() else run_of(wildcards)["model"]
+
+
+def model_resources(wildcards):
+    return config["models"][model_name(wildcards)]["resources"]
+
+
+def model_threads(wildcards):
+    return model_resources(wildcards)["cpus"]
+
+
+def model_gpus(wildcards):
+    return model_resources(wildcards)["gpus"]
+
+
+def model_mem_mb(wildcards, attempt):
+    return model_resources(wildcards)["mem_mb"] * attempt
+
+
+def model_runtime(wildcards, attempt):
+    return model_resources(wildcards)["runtime"] * attempt

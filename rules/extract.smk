@@ -11,6 +11,11 @@ rule extract:
         "results/{run}/logs/extract/{shard}.log",
     benchmark:
         "results/{run}/benchmarks/extract/{shard}.tsv"
+    threads: model_threads
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     conda:
         "../envs/patchmap.yaml"
     script:

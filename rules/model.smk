@@ -2,13 +2,18 @@ rule train_builtin_model:
     output:
         directory("results/models/{model}"),
     params:
-        model=lambda w: config["models"][w.model],
+        # the model without its cluster resources: changing those must not retrain it
+        model=lambda w: {k: v for k, v in config["models"][w.model].items() if k != "resources"},
         world=lambda w: config["datasets"][config["models"][w.model]["builtin"]["dataset"]],
     log:
         "results/models/logs/{model}.log",
     benchmark:
         "results/models/benchmarks/{model}.tsv"
-    threads: workflow.cores
+    threads: model_threads
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     conda:
         "../envs/patchmap.yaml"
     script:

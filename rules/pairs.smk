@@ -10,6 +10,11 @@ rule pairs:
         "results/{run}/logs/pairs.log",
     benchmark:
         "results/{run}/benchmarks/pairs.tsv"
+    threads: model_threads
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     conda:
         "../envs/patchmap.yaml"
     script:

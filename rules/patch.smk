@@ -13,6 +13,11 @@ rule patch:
         "results/{run}/logs/patch/{site}/{shard}.log",
     benchmark:
         "results/{run}/benchmarks/patch/{site}/{shard}.tsv"
+    threads: model_threads
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
     conda:
         "../envs/patchmap.yaml"
     script:
