@@ -13,7 +13,7 @@ import xarray as xr
 from workflow_utils import TINY, snakemake, snakemake_command, write_config
 
 TWO_RUNS = copy.deepcopy(TINY)
-TWO_RUNS["runs"]["tiny"].update(examples=24, shard_size=24, batch_size=1)
+TWO_RUNS["runs"]["tiny"].update(examples=24, shard_size=24, batch_size=1, engine="reference")  # slow enough to catch
 TWO_RUNS["runs"]["other"] = {"model": "tiny", "dataset": "tiny-facts", "sites": ["attn"], "examples": 6,
                              "intervention": "ablate", "value": "mean",
                              "shard_size": 6, "known_only": False, "seed": 3}
@@ -60,7 +60,7 @@ def killed_and_resumed(tmp_path_factory):
     write_config(workdir, TWO_RUNS)
     output = workdir / "results" / "tiny" / "patch" / "mlp" / "0.nc"
     log = workdir / "results" / "tiny" / "logs" / "patch" / "mlp" / "0.log"
-    run = subprocess.Popen(snakemake_command(workdir, "--cores", "1"), stdout=subprocess.PIPE,
+    run = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
         pids = stop_patch_job_mid_run(workdir, log)

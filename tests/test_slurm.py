@@ -37,7 +37,8 @@ CONFIG = {
 SHARDS, SITES = 2, 2
 GPU_LOGS = ["results/models/logs/tiny.log", "results/tiny/logs/pairs.log", "results/tiny/logs/extract/*.log",
             "results/tiny/logs/patch/*/*.log"]
-CPU_LOGS = ["results/tiny/logs/facts.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log"]
+CPU_LOGS = ["results/tiny/logs/facts.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log",
+            "results/tiny/logs/lines.log"]
 
 
 def slurm_problem():
@@ -188,7 +189,7 @@ def test_cancelled_run_fails_and_the_rerun_completes(cluster_runs):
     # the rerun made only what the cancel left unfinished: the cancelled shards, then the summaries
     kinds = sorted(re.search(r"slurm_logs/(rule_\w+|group_\w+)/", path)[1] for path in jobs2.values())
     assert kinds == sorted(["group_shard_extract_patch"] * len(cluster_runs["cancelled"])
-                           + ["rule_divergence", "rule_heatmap"]), jobs2
+                           + ["rule_divergence", "rule_heatmap", "rule_lines"]), jobs2
 
 
 def test_every_job_went_through_sbatch(cluster_runs):
@@ -209,10 +210,10 @@ def test_every_job_went_through_sbatch(cluster_runs):
             expected = "CANCELLED" if job in cluster_runs["cancelled"] else "COMPLETED"
             assert records[job]["JobState"] == expected, records[job]
         all_jobs.update(jobs)
-    # facts, train, pairs and the two shard groups, then the rerun's groups, divergence and heatmap
-    assert len(all_jobs) == 5 + len(cluster_runs["cancelled"]) + 2
+    # facts, train, pairs and the two shard groups, then the rerun's groups, divergence, heatmap, lines
+    assert len(all_jobs) == 5 + len(cluster_runs["cancelled"]) + 3
     logs = [p for p in (cluster_runs["cluster"] / "results").rglob("logs/**/*.log")]
-    assert len(logs) == 3 + 1 + 1 + SHARDS * (1 + SITES)  # facts/divergence/heatmap, train, pairs, shards
+    assert len(logs) == 4 + 1 + 1 + SHARDS * (1 + SITES)  # facts/divergence/heatmap/lines, train, pairs, shards
     for log in logs:
         where = re.search(r"SLURM job (\d+)", log.read_text())
         assert where and int(where[1]) in all_jobs, f"{log} was not written in a SLURM job of this test"

@@ -64,7 +64,7 @@ def test_second_run_has_nothing_to_do(finished_run):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["runs"]["tiny"].update(intervention="swop"),
-     "config error at runs.tiny.intervention: 'swop' is not one of ['swap', 'noise']"),
+     "config error at runs.tiny.intervention: 'swop' is not one of ['swap', 'noise', 'ablate', 'knockout']"),
     (lambda c: c["runs"]["tiny"].update(sites=["subj", "nope"]),
      "config error at runs.tiny.sites: site 'nope' is not defined; defined sites: subj, attn, mlp"),
     (lambda c: c["sites"]["subj"].update(component="residual"),
