@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
-from workflow_utils import TINY, snakemake, snakemake_command, write_config
+from workflow_utils import TINY, finished_workflow, snakemake, snakemake_command, write_config
 
 TWO_RUNS = copy.deepcopy(TINY)
 TWO_RUNS["runs"]["tiny"].update(examples=24, shard_size=24, batch_size=1, engine="reference")  # slow enough to catch
@@ -47,11 +47,7 @@ def stop_patch_job_mid_run(workdir, log, timeout=300):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    write_config(workdir, TWO_RUNS)
-    result = snakemake(workdir)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+    return finished_workflow(tmp_path_factory, "uninterrupted", TWO_RUNS)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
-from workflow_utils import TINY, snakemake, write_config
+from workflow_utils import TINY, finished_workflow, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    write_config(workdir, TINY)
-    result = snakemake(workdir)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+    return finished_workflow(tmp_path_factory, "workflow", TINY)
 
 
 def test_writes_the_heatmap_and_divergence(finished_run):

@@ -32,3 +32,12 @@ def snakemake(workdir, *args, timeout=600):
 def write_config(workdir, config):
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def finished_workflow(tmp_path_factory, name, config):
+    """A workdir in which the workflow ran to completion on `config`."""
+    workdir = tmp_path_factory.mktemp(name)
+    write_config(workdir, config)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
