@@ -146,7 +146,7 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
     for site in sites:
         where = site_positions(pairs, site)
         patch_mask = position_mask(where, ids.shape[1], "cpu")
-        values = _source_values(acts, site, layers, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
+        values = _source_values(acts, site, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
         per_layer = []
         for layer in layers:
             envoy = wrapped

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 DEFAULT_CPU_TOKENS = 16384
+HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
+HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
 
 def is_out_of_memory(error):
@@ -78,7 +80,7 @@ class _PrefixCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.recorded = (key_states, value_states)
         keys, values = self.prefix
-        if keys.shape[2] == 0:
+        if keys is None or keys.shape[2] == 0:
             return key_states, value_states
         return torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
 
@@ -137,6 +139,7 @@ class FastEngine:
         self.spans = spans
         self.stats = Counter()
         self._names = [_positional_names(b) for b in self.blocks]
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._warned = set()
 
     def _default_tokens(self):
@@ -178,15 +181,19 @@ class FastEngine:
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         handles.append(self.blocks[-1].register_forward_hook(post_hook))
         cache = _RecordingCache(self.config)
+        keep = {}
+        if self._keeps_logits:  # logits only at the positions some prompt ends at
+            keep["logits_to_keep"] = torch.unique(lengths - 1)
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True).logits
+                                use_cache=True, **keep).logits
         finally:
             for h in handles:
                 h.remove()
         self.stats["clean_tokens"] += ids.numel()
         rows = torch.arange(len(lengths), device=self.device)
-        last_logits = logits[rows, lengths - 1].float()
+        columns = torch.searchsorted(keep["logits_to_keep"], lengths - 1) if keep else lengths - 1
+        last_logits = logits[rows, columns].float()
         if not torch.isfinite(last_logits).all():
             raise UserError("non-finite logits (NaN or inf) in the unpatched target run; "
                             "try dtype float32 or bfloat16")
@@ -212,29 +219,38 @@ class FastEngine:
 
     # -- patched runs ----------------------------------------------------------------------------------
 
-    def _mask(self, clean_mask, rows, start, end):
-        if clean_mask is None:  # the model judged plain causal attention enough
-            q = torch.arange(start, end, device=self.device)[:, None]
-            k = torch.arange(end, device=self.device)[None, :]
-            mask = torch.zeros(1, 1, end - start, end, dtype=self.dtype, device=self.device)
-            return mask.masked_fill(k > q, torch.finfo(self.dtype).min)
-        if not torch.is_tensor(clean_mask) or clean_mask.dim() != 4:
+    def _mask(self, clean_mask, index):
+        """Each row's attention mask over [its prefix, padded to index.prefix | its suffix], gathered from
+        the clean run's mask (so causal, padding and sliding-window masks all carry over)."""
+        if clean_mask is not None and (not torch.is_tensor(clean_mask) or clean_mask.dim() != 4):
             raise UserError(f"the fast engine needs a 4D attention mask for '{self.config.model_type}'; "
                             "use engine: reference")
-        return _rows(clean_mask[:, :, start:end, :end], rows)
+        queries, keys, valid = index.queries, index.keys, index.valid
+        if clean_mask is None:  # the model judged plain causal attention enough
+            allowed = (keys[:, None, :] <= queries[:, :, None]) & valid[:, None, :]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+        by_row = clean_mask.permute(0, 2, 3, 1)  # [B or 1, T, T, heads or 1]
+        rows = index.examples if clean_mask.shape[0] > 1 else torch.zeros_like(index.examples)
+        mask = by_row[rows[:, None, None], queries[:, :, None], keys[:, None, :]].permute(0, 3, 1, 2)
+        hidden = ~valid[:, None, None, :]
+        if mask.dtype == torch.bool:
+            return mask & ~hidden
+        return mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
 
-    def _block_arguments(self, clean, layer, rows, start, end, prefix=None):
+    def _block_arguments(self, clean, layer, index, kv):
         out = {}
         for name, value in clean.arguments[layer].items():
             if name in CACHE_ARGUMENTS and value is not None:
-                keys, values = clean.kv[layer]
-                out[name] = _PrefixCache(*(prefix or (keys[rows, :, :start], values[rows, :, :start])))
+                keys, values = kv or (None, None)  # None: no keys and values recorded, every prefix empty
+                out[name] = _PrefixCache(None if keys is None else keys[index.examples, :, :index.prefix],
+                                         None if values is None else values[index.examples, :, :index.prefix])
             elif name == "attention_mask":
-                out[name] = self._mask(value, rows, start, end)
+                out[name] = self._mask(value, index)
             elif name == "position_embeddings" and isinstance(value, (tuple, list)):
-                out[name] = tuple(_rows(t[:, start:end], rows) for t in value)
+                out[name] = tuple(index.gather(t) for t in value)
             elif name == "position_ids" and value is not None:
-                out[name] = _rows(value[:, start:end], rows)
+                out[name] = index.gather(value)
             elif torch.is_tensor(value) or isinstance(value, (dict, tuple, list)):
                 raise UserError(f"the fast engine does not know the block argument '{name}' of "
                                 f"'{self.config.model_type}'; use engine: reference")
@@ -242,64 +258,74 @@ class FastEngine:
                 out[name] = value
         return out
 
-    def _call_block(self, clean, layer, hidden, rows, start, end, patch=None, prefix=None, record=False):
-        """Apply block `layer` to hidden [N, S, H] of runs on examples `rows` at positions [start, end);
+    def _call_block(self, clean, layer, hidden, index, kv, patch=None, mlp="all", record=False):
+        """Apply block `layer` to hidden [R, W, H], runs described by `index` (RowIndex); `kv` = (keys,
+        values) [B, kv heads, T, head dim] holds each example's keys and values before its suffix.
         `patch` = (module, rows, positions, values) writes the source activation into a component's
-        output; `prefix` = (keys, values) of positions [0, start) replaces the clean ones; with `record`,
-        also return the keys and values the block computed."""
-        kwargs = self._block_arguments(clean, layer, rows, start, end, prefix)
+        output; `mlp` = "last" computes the MLP only at the last suffix position (all other positions of
+        the last block feed nothing), "none" not at all; with `record`, also return the keys and values
+        the block computed."""
+        kwargs = self._block_arguments(clean, layer, index, kv)
         kwargs[clean.hidden_name[layer]] = hidden
+        rows, width = hidden.shape[:2]
+        if not record:
+            self._inject(rows * width)
+            self.stats["block_tokens"] += rows * width
+            self.stats["attention_scores"] += rows * width * (index.prefix + width)
+            self.stats["block_calls"] += 1
+        mlp_rows = {"all": None, "last": torch.arange(rows, device=self.device) * width + width - 1,
+                    "none": torch.zeros(0, dtype=torch.long, device=self.device)}[mlp]
+        self.stats["mlp_tokens"] += rows * width if mlp_rows is None else len(mlp_rows)
+        registered = [] if mlp_rows is None else _skip_mlp_rows(models.mlp_modules(self.model, layer), mlp_rows)
+        if patch is not None:
+            module, prow, ppos, pval = patch
+
+            def hook(mod, args, output):
+                h = _output_tensor(output)
+                shaped = h.reshape(rows, width, h.shape[-1])
+                shaped = shaped.index_put((prow, ppos), pval.to(h.dtype))
+                return _with_tensor(output, shaped.reshape(h.shape))
+            registered.append((module, hook))
+        with hooks(registered):
+            output = _output_tensor(self.blocks[layer](**kwargs))
         if record:
             cache = next(v for k, v in kwargs.items() if k in CACHE_ARGUMENTS and v is not None)
-            return _output_tensor(self.blocks[layer](**kwargs)), cache.recorded
-        self._inject(hidden.shape[0] * hidden.shape[1])
-        self.stats["block_tokens"] += hidden.shape[0] * hidden.shape[1]
-        self.stats["attention_scores"] += hidden.shape[0] * hidden.shape[1] * end
-        self.stats["block_calls"] += 1
-        if patch is None:
-            return _output_tensor(self.blocks[layer](**kwargs))
-        module, prow, ppos, pval = patch
-
-        def hook(mod, args, output):
-            h = _output_tensor(output)
-            shaped = h.reshape(hidden.shape[0], hidden.shape[1], h.shape[-1])
-            shaped = shaped.index_put((prow, ppos), pval.to(h.dtype))
-            return _with_tensor(output, shaped.reshape(h.shape))
-
-        with hooks([(module, hook)]):
-            return _output_tensor(self.blocks[layer](**kwargs))
+            return output, cache.recorded
+        return output
 
     @torch.no_grad()
-    def span_prefix(self, clean, examples, layers, values, start, stop, first_block):
-        """Keys and values at positions [start, stop) for blocks first_block.. of the *source* runs, when
-        the resid site is the whole span [start, stop) and the tokens before it are the target's: a run
-        patched there at layer l then equals the source at positions < stop in every block after l."""
-        ex = torch.as_tensor(examples, device=self.device)
-        index = {layer: li for li, layer in enumerate(layers)}
-        kv = {}
-        for block in range(first_block, self.n_layers):
-            hidden = values[ex, index[block - 1], :stop - start].to(self.dtype)
-            _, kv[block] = self._call_block(clean, block, hidden, ex, start, stop, record=True)
-        return kv
+    def span_kv(self, clean, spans, values, layers):
+        """Per block, the clean keys and values with the *source's* written in at each span [start, stop)
+        of `spans` {example: (start, stop)}: a run patched with the source's resid over the whole span,
+        after tokens equal in target and source, equals the source there in every later block."""
+        index_of = {layer: li for li, layer in enumerate(layers)}
+        first = min(layers) + 1
+        out = {b: (clean.kv[b][0].clone(), clean.kv[b][1].clone()) for b in range(first, self.n_layers)}
+        by_width = defaultdict(list)
+        for e, (start, stop) in spans.items():
+            by_width[stop - start].append(e)
+        for width, examples in by_width.items():
+            ex = torch.as_tensor(examples, device=self.device)
+            starts = torch.as_tensor([spans[e][0] for e in examples], device=self.device)
+            index = RowIndex(ex, starts, width, self.device)
+            for block in range(first, self.n_layers):
+                hidden = values[ex, index_of[block - 1], :width].to(self.dtype)
+                _, (keys, vals) = self._call_block(clean, block, hidden, index, clean.kv[block], mlp="none",
+                                                   record=True)
+                for kv, new in zip(out[block], (keys, vals)):
+                    kv.transpose(1, 2).index_put_((ex[:, None], index.positions), new.transpose(1, 2).to(kv.dtype))
+        return out
 
     @torch.no_grad()
-    def run_group(self, clean, component, examples, layer_ids, layers, positions, values, start, end, span=None):
-        """Last-position log-probs [len(layer_ids) * len(examples), V] of the runs (example, layer) for
-        examples (indices into the clean batch) whose patched positions all lie in [start, end);
-        rows are ordered layer-major as in `layer_ids`. With `span` = stop (resid sites covering exactly
-        [start, stop) after a prefix equal to the source's), positions before `stop` come from the
-        source's keys and values (span_prefix) and only [stop, end) is computed."""
-        if span is not None:
-            return self._run_span(clean, examples, layer_ids, layers, values, start, span, end)
-        ex = torch.as_tensor(examples, device=self.device)
-        # where each example's source activation goes: (example row, position - start, slot)
-        r_idx, p_idx, s_idx = [], [], []
-        for r, e in enumerate(examples):
-            for slot, p in enumerate(positions[e]):
-                r_idx.append(r)
-                p_idx.append(p - start)
-                s_idx.append(slot)
-        r_idx, p_idx, s_idx = (torch.as_tensor(x, device=self.device) for x in (r_idx, p_idx, s_idx))
+    def run_group(self, clean, component, group, layer_ids, layers, values, kv):
+        """Last-position hidden states [len(layer_ids) * len(group.examples), H] of the runs (example,
+        layer) of `group` (a Group: examples sharing a suffix width), rows layer-major as in the returned
+        order. Each run joins the batch at the block where its patch happens: block l for attn and mlp
+        (a hook writes the source into the component's output), block l + 1 for resid (the clean block
+        output, source written in), so no block before a run's layer is recomputed for it."""
+        ex, width = group.examples, group.width
+        n = len(ex)
+        r_idx, p_idx, s_idx = group.writes
 
         def source(li):
             return values[ex[r_idx], li, s_idx]
@@ -307,62 +333,29 @@ class FastEngine:
         joins = defaultdict(list)  # block index -> layer ids joining there
         for li in layer_ids:
             joins[layers[li] + 1 if component == "resid" else layers[li]].append(li)
-        hidden, row_ex, order = None, [], []
+        full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, self.device)
+        hidden, order = None, []
         for block in range(min(joins), self.n_layers + 1):
             patch = None
             for li in joins.get(block, []):
                 n_before = 0 if hidden is None else hidden.shape[0]
                 if component == "resid":
-                    joining = clean.block_output(layers[li])[ex, start:end]
+                    joining = group.index.gather(clean.block_output(layers[li]))
                     joining = joining.index_put((r_idx, p_idx), source(li).to(joining.dtype))
                 else:
-                    joining = clean.inputs[block][ex, start:end]
+                    joining = group.index.gather(clean.inputs[block])
                     patch = (models.component_module(self.model, component, block), r_idx + n_before, p_idx,
                              source(li))
                 hidden = joining if hidden is None else torch.cat([hidden, joining])
-                row_ex.append(ex)
                 order.append(li)
             if block == self.n_layers:
                 break
-            rows = torch.cat(row_ex)
-            hidden = self._call_block(clean, block, hidden, rows, start, end, patch)
-        rows = torch.cat(row_ex)
-        last = clean.lengths[rows] - 1 - start
-        final = hidden[torch.arange(len(rows), device=self.device), last]
-        self.stats["head_rows"] += len(rows)
-        self.stats["patched_runs"] += len(rows)
-        return torch.log_softmax(self.head(final), dim=-1), order
-
-    def _run_span(self, clean, examples, layer_ids, layers, values, start, stop, end):
-        ex = torch.as_tensor(examples, device=self.device)
-        local = torch.arange(len(examples), device=self.device)
-        first = min(layers[li] for li in layer_ids) + 1
-        kv = self.span_prefix(clean, examples, layers, values, start, stop, first)
-        joins = defaultdict(list)
-        for li in layer_ids:
-            joins[layers[li] + 1].append(li)
-        hidden, row_ex, row_local, order = None, [], [], []
-        for block in range(first, self.n_layers + 1):
-            for li in joins.get(block, []):
-                joining = clean.block_output(layers[li])[ex, stop:end]
-                hidden = joining if hidden is None else torch.cat([hidden, joining])
-                row_ex.append(ex)
-                row_local.append(local)
-                order.append(li)
-            if block == self.n_layers:
-                break
-            rows, rl = torch.cat(row_ex), torch.cat(row_local)
-            keys, vals = clean.kv[block]
-            prefix = (torch.cat([keys[rows, :, :start], kv[block][0][rl]], dim=2),
-                      torch.cat([vals[rows, :, :start], kv[block][1][rl]], dim=2))
-            hidden = self._call_block(clean, block, hidden, rows, stop, end, prefix=prefix)
-        rows = torch.cat(row_ex)
-        last = clean.lengths[rows] - 1 - stop
-        final = hidden[torch.arange(len(rows), device=self.device), last]
-        self.stats["span_runs"] += len(rows)
-        self.stats["head_rows"] += len(rows)
-        self.stats["patched_runs"] += len(rows)
-        return torch.log_softmax(self.head(final), dim=-1), order
+            index = full.first(len(order) * n)
+            hidden = self._call_block(clean, block, hidden, index, kv(block), patch,
+                                      mlp="last" if block == self.n_layers - 1 else "all")
+        self.stats["patched_runs"] += hidden.shape[0]
+        self.stats["span_runs"] += hidden.shape[0] if group.span else 0
+        return hidden[:, width - 1], order
 
     def chunks(self, n_examples, layer_ids, width):
         """Split (examples, layers) so that runs x suffix width stays within the token budget."""
@@ -391,17 +384,116 @@ class FastEngine:
         return None
 
 
-def _site_groups(positions, lengths, use_prefix, spans=None):
-    """Examples grouped by their first patched position (0 for all when no prefix cache is used), by
-    the end of their span where `spans[e]` says the span path applies (else None), and by length, so
-    that no group computes padding."""
-    groups = defaultdict(list)
+def _skip_mlp_rows(modules, keep):
+    """Hooks that run the MLP (entry module .. exit module) only on the flattened token rows `keep`;
+    the other rows of its output are zero. The block's output there is then wrong, and unused."""
+    entry, exit_ = modules
+    shape = {}
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs.pop(next(iter(kwargs)))
+        shape["full"] = x.shape
+        flat = x.reshape(-1, x.shape[-1])[keep]
+        x = flat.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else flat
+        return ((x, *args[1:]) if args else (x,)), kwargs
+
+    def post_hook(module, args, output):
+        h = _output_tensor(output)
+        full = h.new_zeros(*shape["full"][:-1], h.shape[-1])
+        full.reshape(-1, h.shape[-1])[keep] = h.reshape(-1, h.shape[-1])
+        return _with_tensor(output, full)
+    return [(entry, pre_hook, "pre"), (exit_, post_hook)]
+
+
+class RowIndex:
+    """Rows of a block call: row r is a run on clean example examples[r] at positions
+    [starts[r], starts[r] + width); its prefix (positions before starts[r]) is read from a cache padded to
+    the longest prefix of the call, `prefix`, and masked beyond starts[r]."""
+
+    def __init__(self, examples, starts, width, device):
+        self.examples, self.starts, self.width, self.device = examples, starts, width, device
+        self.prefix = int(starts.max()) if len(starts) else 0
+        self.positions = starts[:, None] + torch.arange(width, device=device)     # [R, W]
+        self._keys = None
+
+    def first(self, rows):
+        """The index of the first `rows` rows (runs join the batch at the end)."""
+        if rows == len(self.examples):
+            return self
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.device)
+
+    @property
+    def queries(self):
+        return self.positions
+
+    @property
+    def keys(self):
+        prefix = torch.arange(self.prefix, device=self.device).expand(len(self.examples), self.prefix)
+        return torch.cat([prefix, self.positions], dim=1)                          # [R, P + W]
+
+    @property
+    def valid(self):
+        prefix = torch.arange(self.prefix, device=self.device)[None, :] < self.starts[:, None]
+        return torch.cat([prefix, torch.ones_like(self.positions, dtype=torch.bool)], dim=1)
+
+    def gather(self, tensor):
+        """tensor [B or 1, T, ...] at each row's example and positions: [R, W, ...]."""
+        rows = self.examples if tensor.shape[0] > 1 else torch.zeros_like(self.examples)
+        return tensor[rows[:, None], self.positions]
+
+
+@dataclass
+class Group:
+    """Examples of one clean batch whose runs at a site compute the same number of positions."""
+    examples: torch.Tensor    # clean-batch rows
+    starts: torch.Tensor      # first computed position of each
+    width: int                # positions computed per run: length - start
+    writes: tuple             # (example row, position - start, slot) of each source activation written
+    span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
+    index: RowIndex
+
+
+def _groups(positions, lengths, use_prefix, spans, layer_ids, engine):
+    """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
+    many positions each run computes (length - first computed position) and by whether the span path
+    applies, then split to the engine's token budget."""
+    by_key = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
-            groups[(min(ps) if use_prefix else 0, span if span is not None else -1, int(lengths[e]))].append(e)
-    return [(start, None if span < 0 else span, members, end)
-            for (start, span, end), members in sorted(groups.items())]
+            start = span if span is not None else (min(ps) if use_prefix else 0)
+            by_key[(int(lengths[e]) - start, span is not None)].append((e, start))
+    chunks = []
+    for (width, span), members in sorted(by_key.items()):
+        for picked, lis in engine.chunks(len(members), layer_ids, width):
+            chunks.append((_group([members[i] for i in picked], positions, width, span, engine.device), lis))
+    return chunks
+
+
+def _group(members, positions, width, span, device):
+    writes = ([], [], [])
+    if not span:
+        for r, (e, start) in enumerate(members):
+            for slot, p in enumerate(positions[e]):
+                for column, value in zip(writes, (r, p - start, slot)):
+                    column.append(value)
+    examples = torch.as_tensor([e for e, _ in members], device=device)
+    starts = torch.as_tensor([s for _, s in members], device=device)
+    return Group(examples, starts, width, tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes),
+                 span, RowIndex(examples, starts, width, device))
+
+
+def _split(group, lis, positions, device):
+    """A chunk that ran out of memory, halved: by examples if it has more than one, else by layers."""
+    members = list(zip(group.examples.tolist(), group.starts.tolist()))
+    if len(members) > 1:
+        half = len(members) // 2
+        return [(_group(part, positions, group.width, group.span, device), lis)
+                for part in (members[:half], members[half:])]
+    if len(lis) > 1:
+        half = len(lis) // 2
+        return [(group, lis[:half]), (group, lis[half:])]
+    return None
 
 
 def _spans(site, positions, lengths, layers, n_layers, target_ids, source_ids, use_prefix):
@@ -436,8 +528,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     positions = {s.name: site_positions(pairs, s) for s in sites}
     results = {s.name: {k: np.zeros((n, len(layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
                for s in sites}
-    target_answer = torch.as_tensor(pairs["target_answer"].values, device=engine.device)
-    source_answer = torch.as_tensor(pairs["source_answer"].values, device=engine.device)
+    answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.device) for r in ("target", "source")]
     lengths = [len(t) for t in targets]
     pending = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not progress)
@@ -457,12 +548,14 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
             engine._warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", model.config.model_type)
-        for site in sites:
+        finals = []
+        for site_number, site in enumerate(sites):
             spans = _spans(site, positions[site.name][a:b], lengths[a:b], layers, engine.n_layers,
                            targets[a:b], sources[a:b], use_prefix and engine.spans)
-            _patch_site_batch(engine, clean, site, layers, positions[site.name][a:b], lengths[a:b],
-                              acts, a, b, target_answer[a:b], source_answer[a:b], base,
-                              results[site.name], use_prefix, spans)
+            finals += _site_runs(engine, clean, site, site_number, layers, positions[site.name][a:b],
+                                 lengths[a:b], acts, a, b, use_prefix, spans)
+            _unpatched(clean, positions[site.name][a:b], [x[a:b] for x in answers], base, a, results[site.name])
+        _score(engine, clean, finals, sites, layers, [x[a:b] for x in answers], base, a, results)
         bar.update(b - a)
     bar.close()
     out = {}
@@ -475,46 +568,73 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     return out
 
 
-def _patch_site_batch(engine, clean, site, layers, positions, lengths, acts, a, b, target_answer,
-                      source_answer, base, out, use_prefix, spans):
-    values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
-        engine.device, engine.dtype)
-    layer_ids = list(range(len(layers)))
-    for e, ps in enumerate(positions):  # nothing to patch (e.g. an empty relation): the target itself
+def _unpatched(clean, positions, answers, base, a, out):
+    """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
+    for e, ps in enumerate(positions):
         if not ps:
-            same = patch_metrics(clean.target[e:e + 1], clean.target[e:e + 1], target_answer[e:e + 1],
-                                 source_answer[e:e + 1], base)
+            same = patch_metrics(clean.target[e:e + 1], clean.target[e:e + 1], answers[0][e:e + 1],
+                                 answers[1][e:e + 1], base)
             for k, v in same.items():
                 out[k][a + e, :] = v.cpu().numpy()[0]
-    for start, span, members, end in _site_groups(positions, lengths, use_prefix, spans):
-        width = end - (start if span is None else span)
-        pending = [([members[i] for i in ex], lis) for ex, lis in engine.chunks(len(members), layer_ids, width)]
-        while pending:
-            examples, lis = pending.pop(0)
-            result = engine.with_backoff(
-                lambda: engine.run_group(clean, site.component, examples, lis, layers, positions, values,
-                                         start, end, span),
-                len(examples) * len(lis) * width, f"site {site.label}")
-            if result is None:
-                if len(examples) > 1:
-                    half = len(examples) // 2
-                    pending[:0] = [(examples[:half], lis), (examples[half:], lis)]
-                elif len(lis) > 1:
-                    half = len(lis) // 2
-                    pending[:0] = [(examples, lis[:half]), (examples, lis[half:])]
-                else:
-                    raise UserError(f"out of memory patching a single run at site {site.label}; use a "
-                                    "smaller model or dtype, or another device")
-                continue
-            patched, order = result
-            rows = torch.as_tensor([e for _ in order for e in examples], device=engine.device)
-            if not torch.isfinite(patched).all():
-                bad = int(torch.nonzero(~torch.isfinite(patched).all(-1))[0, 0])
-                raise UserError(f"non-finite logits (NaN or inf) at site {site.label} ({site.component}@"
-                                f"{site.positions}), layer {layers[order[bad // len(examples)]]}; "
-                                "try dtype float32 or bfloat16")
-            metrics = patch_metrics(patched, clean.target[rows], target_answer[rows], source_answer[rows], base)
-            ex_index = np.asarray([a + e for _ in order for e in examples])
-            li_index = np.asarray([li for li in order for _ in examples])
+
+
+def _site_runs(engine, clean, site, site_number, layers, positions, lengths, acts, a, b, use_prefix, spans):
+    """The last-position hidden states of every (example, layer) run of one site on one clean batch:
+    a list of (site number, clean-batch rows, layer ids, hidden [R, H])."""
+    values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
+        engine.device, engine.dtype)
+    kv = clean.kv.get
+    if spans is not None and any(s is not None for s in spans):
+        span_kv = engine.span_kv(clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None},
+                                 values, layers)
+        kv = span_kv.get
+    pending = _groups(positions, lengths, use_prefix, spans, list(range(len(layers))), engine)
+    finals = []
+    while pending:
+        group, lis = pending.pop(0)
+        result = engine.with_backoff(lambda: engine.run_group(clean, site.component, group, lis, layers, values, kv),
+                                     len(group.examples) * len(lis) * group.width, f"site {site.label}")
+        if result is None:
+            halves = _split(group, lis, positions, engine.device)
+            if halves is None:
+                raise UserError(f"out of memory patching a single run at site {site.label}; use a "
+                                "smaller model or dtype, or another device")
+            pending[:0] = halves
+            continue
+        hidden, order = result
+        rows = group.examples.repeat(len(order))
+        layer_ids = torch.as_tensor(order, device=engine.device).repeat_interleave(len(group.examples))
+        finals.append((site_number, rows, layer_ids, hidden))
+    return finals
+
+
+def _score(engine, clean, finals, sites, layers, answers, base, a, results):
+    """Logits, their non-finite check and the metrics of every patched run of a clean batch, in chunks of
+    rows (one output-embedding call for many sites and layers)."""
+    if not finals:
+        return
+    site_of = torch.cat([torch.full((len(f[1]),), f[0], dtype=torch.long) for f in finals])
+    rows = torch.cat([f[1] for f in finals])
+    layer_ids = torch.cat([f[2] for f in finals])
+    hidden = torch.cat([f[3] for f in finals])
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
+    for c in range(0, len(rows), step):
+        part = slice(c, c + step)
+        patched = torch.log_softmax(engine.head(hidden[part]), dim=-1)
+        engine.stats["head_rows"] += patched.shape[0]
+        if not torch.isfinite(patched).all():
+            bad = c + int(torch.nonzero(~torch.isfinite(patched).all(-1))[0, 0])
+            site = sites[int(site_of[bad])]
+            raise UserError(f"non-finite logits (NaN or inf) at site {site.label} ({site.component}@"
+                            f"{site.positions}), layer {layers[int(layer_ids[bad])]}; "
+                            "try dtype float32 or bfloat16")
+        r = rows[part]
+        metrics = {k: v.cpu().numpy() for k, v in
+                   patch_metrics(patched, clean.target[r], answers[0][r], answers[1][r], base).items()}
+        sites_here = site_of[part].numpy()
+        ex_index, li_index = a + r.cpu().numpy(), layer_ids[part].cpu().numpy()
+        for number in np.unique(sites_here):
+            mine = sites_here == number
             for k, v in metrics.items():
-                out[k][ex_index, li_index] = v.cpu().numpy()
+                results[sites[number].name][k][ex_index[mine], li_index[mine]] = v[mine]

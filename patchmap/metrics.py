@@ -14,33 +14,48 @@ METRICS = {
 }
 
 
-def _kl_terms(logp, logq):
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+def _kl_terms(p, logp, logq):
+    """sum p * (log p - log q), with 0 where p is 0 (log p = -inf there); p = exp(logp), passed in so that
+    callers computing several divergences exponentiate once."""
+    terms = logp - logq
+    terms.mul_(p).masked_fill_(p == 0, 0.0)  # in place: these run over [runs, vocabulary] tensors
+    return terms.sum(-1)
+
+
+def _log_mixture(logp, logq):
+    # where P and Q agree, M is exactly P: identical distributions then give exactly 0
+    logm = torch.logaddexp(logp, logq).sub_(math.log(2.0))
+    return torch.where(logp == logq, logp, logm, out=logm)
 
 
 def kl_divergence(logp, logq, base=2.0):
     """KL(P || Q) along the last axis, in units of log `base`."""
-    return _kl_terms(logp.float(), logq.float()) / math.log(base)
+    logp, logq = logp.float(), logq.float()
+    return _kl_terms(logp.exp(), logp, logq) / math.log(base)
 
 
 def js_divergence(logp, logq, base=2.0):
     """JS(P, Q) along the last axis; in [0, 1] for base 2."""
     logp, logq = logp.float(), logq.float()
-    # where P and Q agree, M is exactly P: identical distributions then give exactly 0
-    logm = torch.where(logp == logq, logp, torch.logaddexp(logp, logq) - math.log(2.0))
-    js = 0.5 * (_kl_terms(logp, logm) + _kl_terms(logq, logm)) / math.log(base)
+    return _js(logp.exp(), logq.exp(), logp, logq, base)
+
+
+def _js(p, q, logp, logq, base):
+    logm = _log_mixture(logp, logq)
+    js = 0.5 * (_kl_terms(p, logp, logm) + _kl_terms(q, logq, logm)) / math.log(base)
     return js.clamp_min(0.0)  # rounding can leave -1e-9 where P == Q
 
 
 def patch_metrics(patched, target, target_answer, source_answer, base=2.0):
     """Per-example metrics of a patched run against the unpatched target run (log-probs, [B, V])."""
+    patched, target = patched.float(), target.float()
+    p, t = patched.exp(), target.exp()
     rows = torch.arange(len(patched), device=patched.device)
     return {
-        "js": js_divergence(patched, target, base),
-        "kl_patched_target": kl_divergence(patched, target, base),
-        "kl_target_patched": kl_divergence(target, patched, base),
-        "p_target_answer": patched[rows, target_answer].exp(),
-        "p_source_answer": patched[rows, source_answer].exp(),
+        "js": _js(p, t, patched, target, base),
+        "kl_patched_target": _kl_terms(p, patched, target) / math.log(base),
+        "kl_target_patched": _kl_terms(t, target, patched) / math.log(base),
+        "p_target_answer": p[rows, target_answer],
+        "p_source_answer": p[rows, source_answer],
         "flip": (patched.argmax(-1) == source_answer).to(torch.int8),
     }

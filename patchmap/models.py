@@ -25,6 +25,7 @@ class Layout:
     attn: str
     mlp: str
     final: tuple = ("model.norm",)
+    ffn: tuple = ("mlp", "mlp")  # the modules where the MLP's computation starts and ends
 
 
 _LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp")
@@ -39,7 +40,7 @@ LAYOUTS = {
     "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", ("gpt_neox.final_layer_norm",)),
     # OPT's MLP has no module of its own: fc2's output (flattened to [batch * tokens, hidden]) is added
     "opt": Layout("model.decoder.layers", "self_attn", "fc2",
-                  ("model.decoder.final_layer_norm", "model.decoder.project_out")),
+                  ("model.decoder.final_layer_norm", "model.decoder.project_out"), ("fc1", "fc2")),
 }
 
 
@@ -87,6 +88,12 @@ def component_module(model, component, layer):
     block = blocks(model)[layer]
     layout = layout_for(model)
     return {"resid": block, "attn": _get(block, layout.attn), "mlp": _get(block, layout.mlp)}[component]
+
+
+def mlp_modules(model, layer):
+    """The modules where block `layer`'s MLP starts (its input: the normed hidden state) and ends."""
+    block = blocks(model)[layer]
+    return tuple(_get(block, name) for name in layout_for(model).ffn)
 
 
 def n_layers(model):

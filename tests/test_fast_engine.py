@@ -197,9 +197,10 @@ def test_out_of_memory_backs_off_without_changing_results(family_world, load_fam
                                     engine_object=engine)
     assert engine.stats["oom_retries"] > 0 and engine.max_tokens <= 40
     assert "out of memory" in caplog.text and "retrying in smaller chunks" in caplog.text
+    # smaller batches change matrix shapes, and with them float32 rounding: the same tolerance as fast vs reference
     for name in plain:
         for metric in METRICS:
-            np.testing.assert_allclose(backed_off[name][metric].values, plain[name][metric].values, atol=1e-6)
+            np.testing.assert_allclose(backed_off[name][metric].values, plain[name][metric].values, atol=TOLERANCE)
 
 
 def test_out_of_memory_errors_are_recognised():
