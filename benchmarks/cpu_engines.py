@@ -6,7 +6,8 @@
 Two random-weight models of GPT-2-small shape (12 layers, width 768, 12 heads, MLP 3072) and of Llama shape
 (12 layers, width 768, 12 heads, MLP 2048) are built from transformers configs, saved with save_pretrained
 and loaded through patchmap.models.load. The job: 32 synthetic prompts (about 12 tokens each, the word-level
-tokenizer of the built-in world; `--vocab` pads the output vocabulary, e.g. 50257), 3 sites (Subj. = resid at
+tokenizer of the built-in world, its ids the first of the model's vocabulary; `--vocab 0` shrinks the vocabulary
+to the tokenizer's few hundred words), 3 sites (Subj. = resid at
 the subject, Attn. = attn at the last token, Last. = resid at the last token), every layer. Each engine runs
 in its own process (so peak memory is its own); the source activations are extracted once per model and
 shared. The table gives the patch-stage time, patched runs per second, the speed-up over the reference, the
@@ -32,9 +33,10 @@ SITES = {
     "last": {"label": "Last.", "component": "resid", "positions": "last"},
 }
 SHAPES = {
-    "gpt2": "GPT-2-small shape: 12 layers, width 768, 12 heads, MLP 3072",
-    "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048",
+    "gpt2": "GPT-2-small shape: 12 layers, width 768, 12 heads, MLP 3072, vocabulary 50,257",
+    "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048, vocabulary 32,000",
 }
+VOCABULARY = {"gpt2": 50257, "llama": 32000}
 
 
 def _rss_mb():
@@ -50,7 +52,7 @@ def build(kind, directory, vocab):
 
     world = synthetic.make_world(seed=0)
     tokenizer = word_tokenizer(synthetic.vocabulary(world))
-    size = max(vocab, len(tokenizer))
+    size = max(VOCABULARY[kind] if vocab is None else vocab, len(tokenizer))
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     if kind == "gpt2":
@@ -118,10 +120,12 @@ def worker(directory, engine, examples, out, repeat=2):
                  for a in range(0, len(lengths), examples))
     reference_work = len(sites) * (len(layers) + 1) * padded * len(layers)
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
+    mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     print(json.dumps({"engine": engine, "seconds": seconds, "runs": runs, "peak_mb": _rss_mb(),
                       "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
                       "prompt_tokens": float(pairs["length"].mean()),
-                      "reference_work": reference_work, "fast_work": fast_work}))
+                      "reference_work": reference_work, "fast_work": fast_work,
+                      "mlp_work": mlp_work}))
 
 
 def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
@@ -175,7 +179,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2,llama")
     parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=0, help="output vocabulary size (0: the tokenizer's)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size (default: the shape's, 50,257 and 32,000; 0: the tokenizer's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions per engine (the fastest counts)")
     parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
@@ -225,8 +230,9 @@ def main():
             if "fast" in measured:
                 m = measured["fast"]
                 print(f"  block x position evaluations: reference {m['reference_work']}, fast {m['fast_work']} "
-                      f"({m['stats'].get('block_calls', 0)} block calls): {m['reference_work'] / m['fast_work']:.1f}x "
-                      f"less work; mean prompt {m['prompt_tokens']:.1f} tokens")
+                      f"(of which {m['mlp_work']} through the MLP; {m['stats'].get('block_calls', 0)} block calls, "
+                      f"{m['stats'].get('head_rows', 0)} output-embedding rows): "
+                      f"{m['reference_work'] / m['fast_work']:.1f}x fewer; mean prompt {m['prompt_tokens']:.1f} tokens")
     threads = next(iter(measured.values()))["threads"] if measured else "?"
     print(f"\n{args.examples} prompts x {len(SITES)} sites x every layer; torch threads: {threads}\n")
     print("| model | engine | seconds | patched runs/s | speed-up | peak RSS MB | RSS growth MB | max abs diff |")

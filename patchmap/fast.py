@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import models
-from .engine import _output_tensor, _with_tensor, hooks, pad_batch
+from .engine import _output_tensor, _with_tensor, add_hook, hooks, pad_batch
 from .errors import UserError
-from .metrics import METRICS, patch_metrics
+from .metrics import METRICS, ROWS, patch_metrics
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ class FastEngine:
     # -- the clean run ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def clean_run(self, sequences, pad_id):
+    def clean_run(self, sequences, pad_id, noise=None):
+        """The unpatched target run (with `noise` [B, T, H], if given, added to its input embeddings)."""
         ids, mask, positions, lengths = pad_batch(sequences, pad_id, self.device)
         self._inject(ids.numel())
         arguments = [None] * self.n_layers
@@ -180,6 +181,8 @@ class FastEngine:
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
         handles.append(self.blocks[-1].register_forward_hook(post_hook))
+        if noise is not None:
+            handles.append(self.model.get_input_embeddings().register_forward_hook(add_hook(noise.to(self.device))))
         cache = _RecordingCache(self.config)
         keep = {}
         if self._keeps_logits:  # logits only at the positions some prompt ends at
@@ -496,17 +499,33 @@ def _split(group, lis, positions, device):
     return None
 
 
-def _spans(site, positions, lengths, layers, n_layers, target_ids, source_ids, use_prefix):
+def _spans(site, positions, lengths, layers, n_layers, same_until, use_prefix):
     """For each example, the end of its patched span if the span path applies: a resid site whose
-    positions are one run [start, stop) before the last token, after tokens equal in target and source,
-    with the source activation of every layer from the first patched one on (it is the input of the
-    blocks after it). Else None."""
+    positions are one run [start, stop) before the last token, where target and source run the same up to
+    `start` (`same_until[e]`: the first position at which they may differ, by token or by noise), with
+    the source activation of every layer from the first patched one on (it is the input of the blocks
+    after it). Else None."""
     if site.component != "resid" or not use_prefix or not set(range(min(layers), n_layers - 1)) <= set(layers):
         return None
     out = []
-    for ps, n, t, s in zip(positions, lengths, target_ids, source_ids):
-        ok = ps and ps == list(range(ps[0], ps[-1] + 1)) and ps[-1] + 1 < n and t[:ps[0]] == s[:ps[0]]
+    for ps, n, same in zip(positions, lengths, same_until):
+        ok = ps and ps == list(range(ps[0], ps[-1] + 1)) and ps[-1] + 1 < n and ps[0] <= same
         out.append(ps[-1] + 1 if ok else None)
+    return out
+
+
+def _same_until(pairs, targets, sources):
+    """Per example, the first position where target and source runs may differ: the first differing
+    token, or for the noise intervention the first noised (subject) position. Ablation values are no
+    run at all (a mean or zero per layer, not one layer's output fed to the next): -1, no span path."""
+    if pairs.attrs.get("intervention") == "ablate":
+        return [-1] * len(targets)
+    out = []
+    for t, s in zip(targets, sources):
+        n = min(len(t), len(s))
+        out.append(next((i for i in range(n) if t[i] != s[i]), n))
+    if pairs.attrs.get("intervention") == "noise":
+        out = [min(o, int(start)) for o, start in zip(out, pairs["subject_start"].values)]
     return out
 
 
@@ -519,7 +538,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     import xarray as xr
 
     from .pairs import token_lists
-    from .patching import site_positions
+    from .patching import site_positions, target_noise
 
     engine = engine_object or FastEngine(model, max_tokens=max_tokens, fail_above=fail_above)
     targets = token_lists(pairs, "target_ids")
@@ -530,11 +549,13 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
                for s in sites}
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.device) for r in ("target", "source")]
     lengths = [len(t) for t in targets]
+    same_until = _same_until(pairs, targets, sources)
     pending = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not progress)
     while pending:
         a, b = pending.pop(0)
-        clean = engine.with_backoff(lambda: engine.clean_run(targets[a:b], pad_id),
+        noise = target_noise(pairs, a, b, max(lengths[a:b]), model.config.hidden_size)
+        clean = engine.with_backoff(lambda: engine.clean_run(targets[a:b], pad_id, noise),
                                     sum(lengths[a:b]), f"the clean run of examples {a}-{b - 1}")
         if clean is None:
             if b - a == 1:
@@ -551,7 +572,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
         finals = []
         for site_number, site in enumerate(sites):
             spans = _spans(site, positions[site.name][a:b], lengths[a:b], layers, engine.n_layers,
-                           targets[a:b], sources[a:b], use_prefix and engine.spans)
+                           same_until[a:b], use_prefix and engine.spans)
             finals += _site_runs(engine, clean, site, site_number, layers, positions[site.name][a:b],
                                  lengths[a:b], acts, a, b, use_prefix, spans)
             _unpatched(clean, positions[site.name][a:b], [x[a:b] for x in answers], base, a, results[site.name])
@@ -621,14 +642,17 @@ def _score(engine, clean, finals, sites, layers, answers, base, a, results):
     step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
-        patched = torch.log_softmax(engine.head(hidden[part]), dim=-1)
+        patched = engine.head(hidden[part])
         engine.stats["head_rows"] += patched.shape[0]
-        if not torch.isfinite(patched).all():
-            bad = c + int(torch.nonzero(~torch.isfinite(patched).all(-1))[0, 0])
+        finite = torch.cat([torch.isfinite(patched[r:r + ROWS]).all(-1) for r in range(0, len(patched), ROWS)])
+        if not finite.all():
+            bad = c + int(torch.nonzero(~finite)[0, 0])
             site = sites[int(site_of[bad])]
             raise UserError(f"non-finite logits (NaN or inf) at site {site.label} ({site.component}@"
                             f"{site.positions}), layer {layers[int(layer_ids[bad])]}; "
                             "try dtype float32 or bfloat16")
+        for r in range(0, len(patched), ROWS):  # in place, in cache-sized pieces
+            patched[r:r + ROWS] = torch.log_softmax(patched[r:r + ROWS], dim=-1)
         r = rows[part]
         metrics = {k: v.cpu().numpy() for k, v in
                    patch_metrics(patched, clean.target[r], answers[0][r], answers[1][r], base).items()}

@@ -46,8 +46,19 @@ def _js(p, q, logp, logq, base):
     return js.clamp_min(0.0)  # rounding can leave -1e-9 where P == Q
 
 
+ROWS = 32  # rows per pass: [rows, vocabulary] temporaries then stay in cache, ~2x faster on a CPU
+
+
 def patch_metrics(patched, target, target_answer, source_answer, base=2.0):
     """Per-example metrics of a patched run against the unpatched target run (log-probs, [B, V])."""
+    if len(patched) <= ROWS:
+        return _patch_metrics(patched, target, target_answer, source_answer, base)
+    parts = [_patch_metrics(patched[a:a + ROWS], target[a:a + ROWS], target_answer[a:a + ROWS],
+                            source_answer[a:a + ROWS], base) for a in range(0, len(patched), ROWS)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+
+def _patch_metrics(patched, target, target_answer, source_answer, base):
     patched, target = patched.float(), target.float()
     p, t = patched.exp(), target.exp()
     rows = torch.arange(len(patched), device=patched.device)

@@ -149,11 +149,12 @@ def patch(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progr
     """{site name: per-example metrics [example, layer]} for each site, by the chosen engine: `fast`
     (patchmap.fast: many runs per block call, no recomputation a patch cannot change; `options` go to
     it, e.g. max_tokens) or `reference` (patch_site: hooks on one full forward per layer). The fast
-    engine covers single-layer swap and ablate patching; other methods fall back to the reference."""
+    engine covers single-layer swap, noise and ablate patching; knockout and windows fall back to the
+    reference."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
     intervention = pairs.attrs.get("intervention", "swap")
-    if engine == "fast" and (intervention not in ("swap", "ablate") or window != 1):
+    if engine == "fast" and (intervention not in ("swap", "noise", "ablate") or window != 1):
         log.info("the fast engine does not do %s%s; using the reference engine",
                  intervention, f" with window {window}" if window != 1 else "")
         engine = "reference"

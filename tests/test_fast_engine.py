@@ -151,6 +151,28 @@ def test_without_the_span_path_and_with_it_the_subject_row_agrees(family_world, 
         assert (engine.stats["span_runs"] > 0) == spans
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
+def test_fast_equals_reference_for_noise_and_ablation(family_world, load_family, family, intervention):
+    model, tokenizer = load_family(family)
+    method, _, value = intervention.partition("-")
+    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=8, seed=1, known_only=False,
+                       intervention=method, noise_scale=3.0)
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 4, tokenizer.pad_token_id, False)
+    if method == "ablate":
+        acts = patching.broadcast_ablation(patching.ablation_values([acts], ALL_SITES, value), pairs)
+    reference = patching.patch(model, pairs, acts, ALL_SITES, layers, 4, tokenizer.pad_token_id, progress=False,
+                               engine="reference")
+    engine = FastEngine(model)
+    fast = patching.patch(model, pairs, acts, ALL_SITES, layers, 4, tokenizer.pad_token_id, progress=False,
+                          engine_object=engine)
+    _assert_same(reference, fast)
+    assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
+    # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
+    assert (engine.stats["span_runs"] > 0) == (method == "noise")
+
+
 def test_layout_modules_exist_and_are_distinct(family_model):
     model, _ = family_model
     for layer in range(models.n_layers(model)):
