@@ -3,7 +3,7 @@
     python benchmarks/gpu_llama7b.py                 # 1,209 prompts x 3 sites x 32 layers, then the reference
     python benchmarks/gpu_llama7b.py --examples 200 --subset 16     # shorter
 
-NOT RUN in the session that wrote it: no GPU was available there, so it claims no numbers. It needs one
+Not yet run on a GPU: no session that worked on it had one, so it claims no numbers. It needs one
 CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no download: the
 model is a Llama-2-7B config (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32000) with random
 bf16 weights built on the GPU, and the prompts are the built-in synthetic facts (about 10 tokens each,
@@ -23,13 +23,18 @@ import torch
 
 
 def flops(model, stats, clean_positions_sq):
-    """FLOPs the fast engine's schedule performed, from its counters (multiply-add = 2 FLOPs)."""
+    """FLOPs the fast engine's schedule performed, from its counters (multiply-add = 2 FLOPs): attention
+    projections for every position computed, the MLP where it ran (the last block's at the last position
+    only), attention scores, the output head for each run and the clean runs' kept positions."""
     config = model.config
-    block = sum(p.numel() for n, p in model.model.layers[0].named_parameters() if p.dim() == 2)
+    layer = model.model.layers[0]
+    attention = sum(p.numel() for p in layer.self_attn.parameters() if p.dim() == 2)
+    mlp = sum(p.numel() for p in layer.mlp.parameters() if p.dim() == 2)
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    patched = 2 * block * stats["block_tokens"] + 4 * hidden * stats["attention_scores"] \
-        + 2 * hidden * vocab * stats["head_rows"]
-    clean = 2 * (block * layers + hidden * vocab) * stats["clean_tokens"] + 4 * hidden * layers * clean_positions_sq
+    patched = 2 * attention * stats["block_tokens"] + 2 * mlp * stats["mlp_tokens"] \
+        + 4 * hidden * stats["attention_scores"] + 2 * hidden * vocab * stats["head_rows"]
+    clean = 2 * (attention + mlp) * layers * stats["clean_tokens"] + 4 * hidden * layers * clean_positions_sq \
+        + 2 * hidden * vocab * stats["clean_logit_rows"]
     return patched + clean
 
 

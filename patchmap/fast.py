@@ -194,6 +194,7 @@ class FastEngine:
             for h in handles:
                 h.remove()
         self.stats["clean_tokens"] += ids.numel()
+        self.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
         rows = torch.arange(len(lengths), device=self.device)
         columns = torch.searchsorted(keep["logits_to_keep"], lengths - 1) if keep else lengths - 1
         last_logits = logits[rows, columns].float()
