@@ -25,6 +25,15 @@ def pad_batch(sequences, pad_id, device):
     return ids.to(device), mask.to(device), positions.to(device), lengths.to(device)
 
 
+def is_out_of_memory(error):
+    """True for CUDA and CPU allocation failures (torch.OutOfMemoryError or the allocators' messages)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in message
+                                                or "DefaultCPUAllocator: can't allocate" in message)
+
+
 def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import models
-from .engine import _output_tensor, _with_tensor, add_hook, hooks, pad_batch
+from .engine import _output_tensor, _with_tensor, add_hook, hooks, is_out_of_memory, pad_batch
 from .errors import UserError
 from .metrics import METRICS, ROWS, patch_metrics
 
@@ -43,15 +43,6 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 DEFAULT_CPU_TOKENS = 16384
 HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
 HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
-
-
-def is_out_of_memory(error):
-    """True for CUDA and CPU allocation failures (torch.OutOfMemoryError or the allocators' messages)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in message
-                                                or "DefaultCPUAllocator: can't allocate" in message)
 
 
 class _RecordingCache(DynamicCache):

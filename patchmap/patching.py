@@ -7,7 +7,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .engine import capture, pad_batch, patch_batch
+from .engine import capture, is_out_of_memory, pad_batch, patch_batch
+from .errors import UserError
 from .metrics import METRICS
 from .pairs import token_lists
 from .sites import positions
@@ -122,14 +123,18 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
     pos = site_positions(pairs, site)
     n, hidden = len(targets), model.config.hidden_size
     results = {k: [] for k in METRICS}
-    for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):
+
+    def run(a, b):
         width = max(len(t) for t in targets[a:b])
         values = None if knockout else _source_values(acts, site, pos, width, hidden, a, b)
         noise = target_noise(pairs, a, b, width, hidden)
-        metrics = patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
-                              pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
-                              pad_id, base, None if noise is None else noise.to(next(model.parameters()).device),
-                              window=window, knockout=knockout)
+        return patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
+                           pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
+                           pad_id, base, None if noise is None else noise.to(next(model.parameters()).device),
+                           window=window, knockout=knockout)
+
+    for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):
+        metrics = _halving_on_out_of_memory(run, a, b, site)
         for k, v in metrics.items():
             results[k].append(v.numpy())
     dims = ("example", "layer")
@@ -139,6 +144,25 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
     ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                      "positions": site.positions, "js_base": base, "window": window})
     return ds
+
+
+def _halving_on_out_of_memory(run, a, b, site):
+    """run(a, b); on out-of-memory (CUDA or CPU), log it and run the two halves of the batch instead."""
+    try:
+        return run(a, b)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        if b - a == 1:
+            raise UserError(f"out of memory patching one example ({a}) at site {site.label}; use a smaller "
+                            "model or dtype, or another device") from None
+        log.warning("out of memory patching examples %d-%d at site %s (%s); retrying in halves",
+                    a, b - 1, site.label, str(error).splitlines()[0][:200])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mid = (a + b) // 2
+    halves = [_halving_on_out_of_memory(run, a, mid, site), _halving_on_out_of_memory(run, mid, b, site)]
+    return {k: torch.cat([h[k] for h in halves]) for k in halves[0]}
 
 
 ENGINES = ("fast", "reference")

@@ -225,6 +225,32 @@ def test_out_of_memory_backs_off_without_changing_results(family_world, load_fam
             np.testing.assert_allclose(backed_off[name][metric].values, plain[name][metric].values, atol=TOLERANCE)
 
 
+def test_the_reference_engine_halves_a_batch_on_out_of_memory(family_world, load_family, caplog, monkeypatch):
+    model, tokenizer = load_family("llama")
+    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    sites = [ALL_SITES[0]]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
+    plain = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                           engine="reference")
+    patch_batch, sizes = patching.patch_batch, []
+
+    def small_memory(model, site, layers, target_ids, *args, **kwargs):
+        sizes.append(len(target_ids))
+        if len(target_ids) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return patch_batch(model, site, layers, target_ids, *args, **kwargs)
+    monkeypatch.setattr(patching, "patch_batch", small_memory)
+    with caplog.at_level(logging.WARNING, logger="patchmap.patching"):
+        halved = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
+                                engine="reference")
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert "out of memory patching examples 0-7" in caplog.text and "retrying in halves" in caplog.text
+    for metric in METRICS:
+        np.testing.assert_allclose(halved[sites[0].name][metric].values, plain[sites[0].name][metric].values,
+                                   atol=TOLERANCE)
+
+
 def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
