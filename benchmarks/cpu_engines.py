@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flops import fast_flops, reference_flops
 
 SITES = {
     "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
@@ -110,6 +111,7 @@ def worker(directory, engine, examples, out, repeat=2):
         results, extra = run(pairs, acts)
         times.append(time.perf_counter() - start)
     seconds = min(times)
+    phases = fast_phases(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id) if engine == "fast" else {}
     np.savez(out, **{f"{s}:{k}": results[s][k].values for s in results for k in ("js", "kl_patched_target",
                                                                                    "p_source_answer")})
     runs = len(pairs["example"]) * len(sites) * len(layers)
@@ -119,13 +121,57 @@ def worker(directory, engine, examples, out, repeat=2):
     padded = sum(len(lengths[a:a + examples]) * int(lengths[a:a + examples].max())
                  for a in range(0, len(lengths), examples))
     reference_work = len(sites) * (len(layers) + 1) * padded * len(layers)
+    widths = [int(lengths[a:a + examples].max()) for a in range(0, len(lengths), examples)]
+    reference_tflop = reference_flops(model, len(sites) * (len(layers) + 1), padded,
+                                      sum(min(examples, len(lengths) - a) * w * w
+                                          for a, w in zip(range(0, len(lengths), examples), widths))) / 1e12
+    fast_tflop = fast_flops(model, extra, float((lengths.astype(float) ** 2).sum())) / 1e12 if extra else None
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     print(json.dumps({"engine": engine, "seconds": seconds, "runs": runs, "peak_mb": _rss_mb(),
                       "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
                       "prompt_tokens": float(pairs["length"].mean()),
                       "reference_work": reference_work, "fast_work": fast_work,
-                      "mlp_work": mlp_work}))
+                      "mlp_work": mlp_work, "phases": phases, "reference_tflop": reference_tflop,
+                      "fast_tflop": fast_tflop}))
+
+
+def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
+    """Where the fast engine's time goes: one more pass with timers around its phases (the clean run, the
+    source keys and values of subject spans, the patched block calls by kind of run, the output embedding
+    and metrics). Seconds per phase."""
+    from patchmap import fast, patching
+
+    engine = fast.FastEngine(model)
+    seconds = {}
+
+    def timed(name_of, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                name = name_of(*args, **kwargs)
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    def run_kind(clean, component, group, *rest):
+        if group.span:
+            return "patched blocks: resid span (Subj.), positions after it"
+        return f"patched blocks: {component} at {'one position' if group.width == 1 else 'several positions'}"
+
+    engine.clean_run = timed(lambda *a, **k: "clean run (model forward, all positions)", engine.clean_run)
+    engine.span_kv = timed(lambda *a, **k: "source keys/values of subject spans", engine.span_kv)
+    engine.run_group = timed(run_kind, engine.run_group)
+    score = fast._score
+    fast._score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
+    try:
+        start = time.perf_counter()
+        patching.patch(model, pairs, acts, sites, layers, examples, pad_id, progress=False, engine_object=engine)
+        seconds["total"] = time.perf_counter() - start
+    finally:
+        fast._score = score
+    return seconds
 
 
 def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
@@ -233,6 +279,18 @@ def main():
                       f"(of which {m['mlp_work']} through the MLP; {m['stats'].get('block_calls', 0)} block calls, "
                       f"{m['stats'].get('head_rows', 0)} output-embedding rows): "
                       f"{m['reference_work'] / m['fast_work']:.1f}x fewer; mean prompt {m['prompt_tokens']:.1f} tokens")
+                ref = measured.get("reference")
+                if ref:
+                    rate = ref["reference_tflop"] / ref["seconds"]
+                    print(f"  FLOPs: reference {ref['reference_tflop']:.2f} TFLOP at {1000 * rate:.0f} GFLOP/s; fast "
+                          f"{m['fast_tflop']:.3f} TFLOP at {1000 * m['fast_tflop'] / m['seconds']:.0f} GFLOP/s, "
+                          f"{ref['reference_tflop'] / m['fast_tflop']:.1f}x fewer: at the reference's FLOP rate "
+                          f"the fast engine would take {m['fast_tflop'] / rate:.2f} s")
+                phases = m["phases"]
+                print(f"  fast engine, where the time goes (one more pass, {phases['total']:.2f} s):")
+                for name, value in sorted(phases.items(), key=lambda kv: -kv[1]):
+                    if name != "total":
+                        print(f"    {value:6.2f} s  {100 * value / phases['total']:3.0f}%  {name}")
     threads = next(iter(measured.values()))["threads"] if measured else "?"
     print(f"\n{args.examples} prompts x {len(SITES)} sites x every layer; torch threads: {threads}\n")
     print("| model | engine | seconds | patched runs/s | speed-up | peak RSS MB | RSS growth MB | max abs diff |")

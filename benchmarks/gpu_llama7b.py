@@ -20,22 +20,7 @@ import argparse
 import time
 
 import torch
-
-
-def flops(model, stats, clean_positions_sq):
-    """FLOPs the fast engine's schedule performed, from its counters (multiply-add = 2 FLOPs): attention
-    projections for every position computed, the MLP where it ran (the last block's at the last position
-    only), attention scores, the output head for each run and the clean runs' kept positions."""
-    config = model.config
-    layer = model.model.layers[0]
-    attention = sum(p.numel() for p in layer.self_attn.parameters() if p.dim() == 2)
-    mlp = sum(p.numel() for p in layer.mlp.parameters() if p.dim() == 2)
-    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    patched = 2 * attention * stats["block_tokens"] + 2 * mlp * stats["mlp_tokens"] \
-        + 4 * hidden * stats["attention_scores"] + 2 * hidden * vocab * stats["head_rows"]
-    clean = 2 * (attention + mlp) * layers * stats["clean_tokens"] + 4 * hidden * layers * clean_positions_sq \
-        + 2 * hidden * vocab * stats["clean_logit_rows"]
-    return patched + clean
+from flops import fast_flops
 
 
 def main():
@@ -110,7 +95,7 @@ def main():
     seconds = time.perf_counter() - start
     runs = n * len(sites) * len(layers)
     lengths = pairs["length"].values.astype(float)
-    total = flops(model, engine.stats, float((lengths ** 2).sum()))
+    total = fast_flops(model, engine.stats, float((lengths ** 2).sum()))
     print(f"\nfast engine, patch stage: {n} prompts x {len(sites)} sites x {len(layers)} layers = {runs} runs")
     print(f"  {seconds:.1f} s, {runs / seconds:.0f} patched runs/s, {total / seconds / 1e12:.1f} TFLOP/s achieved "
           f"({total / 1e12:.1f} TFLOP in the schedule), peak GPU memory "
