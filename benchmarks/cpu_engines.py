@@ -34,8 +34,8 @@ SITES = {
     "last": {"label": "Last.", "component": "resid", "positions": "last"},
 }
 SHAPES = {
-    "gpt2": "GPT-2-small shape: 12 layers, width 768, 12 heads, MLP 3072, vocabulary 50,257",
-    "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048, vocabulary 32,000",
+    "gpt2": "GPT-2-small shape: 12 layers, width 768, 12 heads, MLP 3072",
+    "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048",
 }
 VOCABULARY = {"gpt2": 50257, "llama": 32000}
 
@@ -66,6 +66,7 @@ def build(kind, directory, vocab):
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return size
 
 
 def _job(directory, examples):
@@ -250,8 +251,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models.split(","):
             directory = os.path.join(tmp, kind)
-            build(kind, directory, args.vocab)
-            print(f"{kind}: {SHAPES[kind]}", flush=True)
+            vocabulary = build(kind, directory, args.vocab)
+            print(f"{kind}: {SHAPES[kind]}, vocabulary {vocabulary:,}", flush=True)
             measured = {}
             for engine in engines:
                 out = os.path.join(tmp, f"{kind}-{engine}.npz")
