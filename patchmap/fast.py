@@ -10,13 +10,17 @@ model's forward; they go through its decoder blocks, called directly, on a sched
   block's clean output with the source activation written in), so blocks before a run's layer are
   never recomputed for it, and every run active at a block shares one call of that block;
 - only positions from the first patched position on (the suffix) are computed: earlier positions are
-  identical to the clean run, so their keys and values come from the recording as a prefix cache;
-- logits are computed only at each prompt's last position (final norm and output embedding applied
-  to that position's hidden state; Gemma's final softcapping included).
+  identical to the clean run, so their keys and values come from the recording as a prefix cache (for
+  a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
+- the last block runs its MLP at the last position only (nothing else of it feeds the output), and
+  logits are computed only there (final norm and output embedding applied to that position's hidden
+  state; Gemma's final softcapping included), for every site and layer of a batch in one call.
 
-Examples are grouped by their first patched position and their length, so a site at the last token
-computes one position per run and no run computes padding. Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error
-(CUDA or CPU) halves the chunk and retries it, with a warning in the log, so no result is lost or changed.
+Runs are grouped by how many positions they compute, not by where they start: each row of a block call
+gets its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest
+prefix, the padding masked), so no run computes padding. Runs are chunked to a budget of (runs x suffix
+positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a
+warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes.
 The reference engine (patchmap.engine, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 """
@@ -81,13 +85,6 @@ def _positional_names(module):
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _rows(tensor, rows):
-    """Rows `rows` of a tensor whose first dimension is the batch (or 1, shared by every row)."""
-    if tensor.shape[0] == 1:
-        return tensor.expand(len(rows), *tensor.shape[1:])
-    return tensor[rows]
-
-
 @dataclass
 class CleanRun:
     """The unpatched target run of one batch of examples."""
@@ -121,6 +118,7 @@ class FastEngine:
                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, not '{impl}'; load the model with one "
                             "of them or use engine: reference")
         self.blocks = models.blocks(model)
+        self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(len(self.blocks))]
         self.finals = models.final_modules(model)
         self.n_layers = len(self.blocks)
         self.device = next(model.parameters()).device
@@ -220,13 +218,13 @@ class FastEngine:
         if clean_mask is not None and (not torch.is_tensor(clean_mask) or clean_mask.dim() != 4):
             raise UserError(f"the fast engine needs a 4D attention mask for '{self.config.model_type}'; "
                             "use engine: reference")
-        queries, keys, valid = index.queries, index.keys, index.valid
+        queries, keys, valid = index.positions, index.keys, index.valid
         if clean_mask is None:  # the model judged plain causal attention enough
             allowed = (keys[:, None, :] <= queries[:, :, None]) & valid[:, None, :]
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
             return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
         by_row = clean_mask.permute(0, 2, 3, 1)  # [B or 1, T, T, heads or 1]
-        rows = index.examples if clean_mask.shape[0] > 1 else torch.zeros_like(index.examples)
+        rows = index.rows_in(clean_mask)
         mask = by_row[rows[:, None, None], queries[:, :, None], keys[:, None, :]].permute(0, 3, 1, 2)
         hidden = ~valid[:, None, None, :]
         if mask.dtype == torch.bool:
@@ -268,10 +266,14 @@ class FastEngine:
             self.stats["block_tokens"] += rows * width
             self.stats["attention_scores"] += rows * width * (index.prefix + width)
             self.stats["block_calls"] += 1
-        mlp_rows = {"all": None, "last": torch.arange(rows, device=self.device) * width + width - 1,
-                    "none": torch.zeros(0, dtype=torch.long, device=self.device)}[mlp]
-        self.stats["mlp_tokens"] += rows * width if mlp_rows is None else len(mlp_rows)
-        registered = [] if mlp_rows is None else _skip_mlp_rows(models.mlp_modules(self.model, layer), mlp_rows)
+        registered = []
+        if mlp == "all":
+            self.stats["mlp_tokens"] += rows * width
+        else:
+            keep = torch.arange(width - 1, rows * width, width, device=self.device) if mlp == "last" \
+                else torch.zeros(0, dtype=torch.long, device=self.device)
+            self.stats["mlp_tokens"] += len(keep)
+            registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
         if patch is not None:
             module, prow, ppos, pval = patch
 
@@ -301,8 +303,8 @@ class FastEngine:
             by_width[stop - start].append(e)
         for width, examples in by_width.items():
             ex = torch.as_tensor(examples, device=self.device)
-            starts = torch.as_tensor([spans[e][0] for e in examples], device=self.device)
-            index = RowIndex(ex, starts, width, self.device)
+            starts = [spans[e][0] for e in examples]
+            index = RowIndex(ex, torch.as_tensor(starts, device=self.device), width, max(starts))
             for block in range(first, self.n_layers):
                 hidden = values[ex, index_of[block - 1], :width].to(self.dtype)
                 _, (keys, vals) = self._call_block(clean, block, hidden, index, clean.kv[block], mlp="none",
@@ -328,7 +330,7 @@ class FastEngine:
         joins = defaultdict(list)  # block index -> layer ids joining there
         for li in layer_ids:
             joins[layers[li] + 1 if component == "resid" else layers[li]].append(li)
-        full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, self.device)
+        full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, group.index.prefix)
         hidden, order = None, []
         for block in range(min(joins), self.n_layers + 1):
             patch = None
@@ -403,38 +405,36 @@ def _skip_mlp_rows(modules, keep):
 class RowIndex:
     """Rows of a block call: row r is a run on clean example examples[r] at positions
     [starts[r], starts[r] + width); its prefix (positions before starts[r]) is read from a cache padded to
-    the longest prefix of the call, `prefix`, and masked beyond starts[r]."""
+    `prefix` positions (at least the longest start, given by the caller so that no device sync is
+    needed), and masked beyond starts[r]."""
 
-    def __init__(self, examples, starts, width, device):
-        self.examples, self.starts, self.width, self.device = examples, starts, width, device
-        self.prefix = int(starts.max()) if len(starts) else 0
-        self.positions = starts[:, None] + torch.arange(width, device=device)     # [R, W]
-        self._keys = None
+    def __init__(self, examples, starts, width, prefix):
+        self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
+        self.positions = starts[:, None] + torch.arange(width, device=starts.device)    # [R, W]
 
     def first(self, rows):
         """The index of the first `rows` rows (runs join the batch at the end)."""
         if rows == len(self.examples):
             return self
-        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.device)
-
-    @property
-    def queries(self):
-        return self.positions
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix)
 
     @property
     def keys(self):
-        prefix = torch.arange(self.prefix, device=self.device).expand(len(self.examples), self.prefix)
+        prefix = torch.arange(self.prefix, device=self.starts.device).expand(len(self.examples), self.prefix)
         return torch.cat([prefix, self.positions], dim=1)                          # [R, P + W]
 
     @property
     def valid(self):
-        prefix = torch.arange(self.prefix, device=self.device)[None, :] < self.starts[:, None]
+        prefix = torch.arange(self.prefix, device=self.starts.device)[None, :] < self.starts[:, None]
         return torch.cat([prefix, torch.ones_like(self.positions, dtype=torch.bool)], dim=1)
+
+    def rows_in(self, tensor):
+        """Each row's index into `tensor`'s first dimension: its example, or 0 where that is shared (1)."""
+        return self.examples if tensor.shape[0] > 1 else torch.zeros_like(self.examples)
 
     def gather(self, tensor):
         """tensor [B or 1, T, ...] at each row's example and positions: [R, W, ...]."""
-        rows = self.examples if tensor.shape[0] > 1 else torch.zeros_like(self.examples)
-        return tensor[rows[:, None], self.positions]
+        return tensor[self.rows_in(tensor)[:, None], self.positions]
 
 
 @dataclass
@@ -475,7 +475,7 @@ def _group(members, positions, width, span, device):
     examples = torch.as_tensor([e for e, _ in members], device=device)
     starts = torch.as_tensor([s for _, s in members], device=device)
     return Group(examples, starts, width, tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes),
-                 span, RowIndex(examples, starts, width, device))
+                 span, RowIndex(examples, starts, width, max(s for _, s in members)))
 
 
 def _split(group, lis, positions, device):

@@ -62,21 +62,17 @@ def _get(obj, dotted):
 
 
 def final_modules(model):
-    """The modules between the last block's output and the output embedding, in order."""
+    """The modules between the last block's output and the output embedding, in order (a path that is
+    missing or None, such as OPT's project_out at most sizes, is skipped)."""
     out = []
     for path in layout_for(model).final:
-        module = _get(model, path) if _has(model, path) else None
+        try:
+            module = _get(model, path)
+        except AttributeError:
+            continue
         if module is not None:
             out.append(module)
     return out
-
-
-def _has(obj, dotted):
-    try:
-        _get(obj, dotted)
-        return True
-    except AttributeError:
-        return False
 
 
 def blocks(model):
