@@ -1,7 +1,9 @@
 """The fast engine against the reference engine, on tiny random-weight models of every supported family
 (saved with save_pretrained and loaded through patchmap.models.load, the real from_pretrained path)."""
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +275,27 @@ def test_config_chooses_the_engine():
     assert engine["enum"] == ["fast", "reference"] and engine["default"] == "fast"
 
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(family_world, load_family, family):
+    """benchmarks/flops.py: the exact-work floor is a lower bound of any exact engine, so it must not exceed
+    what the fast engine's counters say it computed, nor that the reference's full forwards."""
+    spec = importlib.util.spec_from_file_location("flops", Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py")
+    flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flops)
+
+    model, tokenizer = load_family(family)
+    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
+             Site("last", "Last.", "resid", "last")]
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
+    engine = FastEngine(model)
+    patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False, engine_object=engine)
+    lengths = [int(n) for n in pairs["length"].values]
+    assert engine.stats["span_runs"] > 0  # the floor assumes the subject's span path
+    fast = flops.fast_flops(model, engine.stats, float(sum(n * n for n in lengths)))
+    floor = flops.floor_flops(model, lengths, pairs["subject_end"].values)
+    reference = flops.reference_flops(model, len(sites) * (len(layers) + 1), *flops.padded_batches(lengths, 8))
+    assert 0 < floor <= fast < reference
