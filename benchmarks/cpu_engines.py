@@ -5,13 +5,15 @@
 
 Two random-weight models of GPT-2-small shape (12 layers, width 768, 12 heads, MLP 3072) and of Llama shape
 (12 layers, width 768, 12 heads, MLP 2048) are built from transformers configs, saved with save_pretrained
-and loaded through patchmap.models.load. The job: 32 synthetic prompts (about 12 tokens each, the word-level
-tokenizer of the built-in world, its ids the first of the model's vocabulary; `--vocab 0` shrinks the vocabulary
-to the tokenizer's few hundred words), 3 sites (Subj. = resid at
-the subject, Attn. = attn at the last token, Last. = resid at the last token), every layer. Each engine runs
-in its own process (so peak memory is its own); the source activations are extracted once per model and
-shared. The table gives the patch-stage time, patched runs per second, the speed-up over the reference, the
-peak resident memory of the process and its growth during patching, and checks that the numbers agree.
+and loaded through patchmap.models.load. The job: 32 synthetic swap pairs (the word-level tokenizer of the
+built-in world: 9.3 tokens on average, 12 at most, the subject at positions 1 to 3; its ids the first of
+the model's vocabulary, 50,257 or 32,000 words; `--vocab 0` shrinks it to the tokenizer's 115), 3 sites
+(Subj. = resid at the subject, Attn. = attn at the last token, Last. = resid at the last token), every
+layer. Each engine runs in its own process (so peak memory is its own); the source activations are
+extracted once per model and shared. The table gives the patch-stage time, patched runs per second, the
+speed-up over the reference, the peak resident memory of the process and its growth during patching, and
+checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
+schedule and of the exact-work floor (benchmarks/flops.py), and where the fast engine's time goes.
 If nnsight is importable, the same job is timed with it too (one traced forward per site and layer).
 """
 
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flops import fast_flops, reference_flops
+from flops import fast_flops, floor_flops, padded_batches, reference_flops
 
 SITES = {
     "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
@@ -100,7 +102,8 @@ def worker(directory, engine, examples, out, repeat=2):
             fast = FastEngine(model)
             return patching.patch(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id,
                                   progress=False, engine_object=fast), dict(fast.stats)
-        return patching.patch(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id,
+        batch = int(engine.split("@")[1]) if "@" in engine else examples  # reference@N: batches of N
+        return patching.patch(model, pairs, acts, sites, layers, batch, tokenizer.pad_token_id,
                               progress=False, engine="reference"), {}
 
     few = slice(0, min(4, examples))
@@ -119,13 +122,10 @@ def worker(directory, engine, examples, out, repeat=2):
     # block x position evaluations: the reference runs, per site and batch, the target and one patched
     # forward per layer over the padded batch; the fast engine's are counted by the engine
     lengths = pairs["length"].values
-    padded = sum(len(lengths[a:a + examples]) * int(lengths[a:a + examples].max())
-                 for a in range(0, len(lengths), examples))
+    padded, padded_sq = padded_batches([int(n) for n in lengths], examples)
     reference_work = len(sites) * (len(layers) + 1) * padded * len(layers)
-    widths = [int(lengths[a:a + examples].max()) for a in range(0, len(lengths), examples)]
-    reference_tflop = reference_flops(model, len(sites) * (len(layers) + 1), padded,
-                                      sum(min(examples, len(lengths) - a) * w * w
-                                          for a, w in zip(range(0, len(lengths), examples), widths))) / 1e12
+    reference_tflop = reference_flops(model, len(sites) * (len(layers) + 1), padded, padded_sq) / 1e12
+    floor_tflop = floor_flops(model, lengths, pairs["subject_end"].values) / 1e12
     fast_tflop = fast_flops(model, extra, float((lengths.astype(float) ** 2).sum())) / 1e12 if extra else None
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
@@ -134,7 +134,7 @@ def worker(directory, engine, examples, out, repeat=2):
                       "prompt_tokens": float(pairs["length"].mean()),
                       "reference_work": reference_work, "fast_work": fast_work,
                       "mlp_work": mlp_work, "phases": phases, "reference_tflop": reference_tflop,
-                      "fast_tflop": fast_tflop}))
+                      "fast_tflop": fast_tflop, "floor_tflop": floor_tflop}))
 
 
 def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
@@ -230,6 +230,10 @@ def main():
                         help="vocabulary size (default: the shape's, 50,257 and 32,000; 0: the tokenizer's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions per engine (the fastest counts)")
+    parser.add_argument("--reference-batch", type=int, default=None, metavar="N",
+                        help="also time the reference engine in batches of N prompts (1: one forward per prompt, "
+                             "site and layer, as TransformerLens' generic_activation_patch and ROME's causal "
+                             "tracing run); the speed-up column stays relative to the reference over all prompts")
     parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -246,6 +250,8 @@ def main():
     except ImportError:
         engines = ["reference", "fast"]
         print("nnsight is not installed: timing the reference and the fast engine only")
+    if args.reference_batch:
+        engines.append(f"reference@{args.reference_batch}")
     root = Path(__file__).resolve().parent.parent
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,6 +293,14 @@ def main():
                           f"{m['fast_tflop']:.3f} TFLOP at {1000 * m['fast_tflop'] / m['seconds']:.0f} GFLOP/s, "
                           f"{ref['reference_tflop'] / m['fast_tflop']:.1f}x fewer: at the reference's FLOP rate "
                           f"the fast engine would take {m['fast_tflop'] / rate:.2f} s")
+                    print(f"  exact-work floor (flops.floor_flops): {m['floor_tflop']:.3f} TFLOP, "
+                          f"{ref['reference_tflop'] / m['floor_tflop']:.1f}x fewer than the reference: the most "
+                          f"any exact engine gains at the reference's FLOP rate; the fast engine's schedule is "
+                          f"{m['fast_tflop'] / m['floor_tflop']:.2f}x the floor")
+                for name, other in measured.items():
+                    if name.startswith("reference@"):
+                        print(f"  fast engine vs {name} (the reference in batches of {name.split('@')[1]}): "
+                              f"{other['seconds'] / m['seconds']:.1f}x")
                 phases = m["phases"]
                 print(f"  fast engine, where the time goes (one more pass, {phases['total']:.2f} s):")
                 for name, value in sorted(phases.items(), key=lambda kv: -kv[1]):

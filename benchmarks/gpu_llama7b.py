@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_llama7b.py                 # 1,209 prompts x 3 sites x 32 layers, then the reference
     python benchmarks/gpu_llama7b.py --examples 200 --subset 16     # shorter
+    python benchmarks/gpu_llama7b.py --flops         # any machine: the job's FLOPs, reference and floor
 
 Not yet run on a GPU: no session that worked on it had one, so it claims no numbers. It needs one
 CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no download: the
@@ -20,7 +21,7 @@ import argparse
 import time
 
 import torch
-from flops import fast_flops
+from flops import fast_flops, floor_flops, job_shape, padded_batches, reference_flops
 
 
 def main():
@@ -29,11 +30,17 @@ def main():
     parser.add_argument("--subset", type=int, default=32, help="prompts for the reference comparison")
     parser.add_argument("--batch-size", type=int, default=256, help="examples per clean run (and reference batch)")
     parser.add_argument("--max-tokens", type=int, default=None, help="fast engine token budget (default: from free memory)")
+    parser.add_argument("--reference-batch", type=int, default=None, metavar="N",
+                        help="also time the reference on the subset in batches of N prompts (1: one forward per "
+                             "prompt, site and layer, as TransformerLens and ROME run)")
+    parser.add_argument("--flops", action="store_true",
+                        help="only count: the job's FLOPs for the reference and the exact-work floor (any machine, "
+                             "seconds; the model is built on the meta device)")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer, width-64 stand-in on any device: checks that the script runs")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cuda" and not args.smoke:
+    if device != "cuda" and not (args.smoke or args.flops):
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke to check the script on the CPU)")
 
     def sync():
@@ -58,6 +65,9 @@ def main():
         config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000})
         args.examples, args.subset = min(args.examples, 24), min(args.subset, 8)
+    if args.flops:
+        count_only(config, tokenizer, synthetic.facts(world), args)
+        return
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device(device):
@@ -96,11 +106,13 @@ def main():
     runs = n * len(sites) * len(layers)
     lengths = pairs["length"].values.astype(float)
     total = fast_flops(model, engine.stats, float((lengths ** 2).sum()))
+    floor = floor_flops(model, pairs["length"].values, pairs["subject_end"].values)
     print(f"\nfast engine, patch stage: {n} prompts x {len(sites)} sites x {len(layers)} layers = {runs} runs")
     print(f"  {seconds:.1f} s, {runs / seconds:.0f} patched runs/s, {total / seconds / 1e12:.1f} TFLOP/s achieved "
           f"({total / 1e12:.1f} TFLOP in the schedule), peak GPU memory "
           f"{torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan'):.1f} GiB, token budget {engine.max_tokens}, "
-          f"out-of-memory retries {engine.stats['oom_retries']}")
+          f"out-of-memory retries {engine.stats['oom_retries']}; the schedule is {total / floor:.2f}x the exact-work "
+          f"floor ({floor / 1e12:.1f} TFLOP)")
 
     k = min(args.subset, n)
     sub_pairs, sub_acts = pairs.isel(example=slice(0, k)), acts.isel(example=slice(0, k))
@@ -117,8 +129,35 @@ def main():
     print(f"\nsubset of {k} prompts: reference {timings['reference'][0]:.1f} s, fast {timings['fast'][0]:.1f} s, "
           f"speed-up {timings['reference'][0] / timings['fast'][0]:.1f}x; max |difference| (js, p) {difference:.2e} "
           "(bf16: both engines round differently)")
+    if args.reference_batch:
+        sync()
+        start = time.perf_counter()
+        patching.patch(model, sub_pairs, sub_acts, sites, layers, args.reference_batch, pad, progress=False,
+                       engine="reference")
+        sync()
+        seconds_small = time.perf_counter() - start
+        print(f"subset, reference in batches of {args.reference_batch}: {seconds_small:.1f} s; the fast engine "
+              f"(batches of {args.batch_size}) is {seconds_small / timings['fast'][0]:.1f}x faster")
     js = {s.label: float(fast[s.name]["js"].mean()) for s in sites}
     print(f"mean JS per site (random weights, so only a sanity check): {js}")
+
+
+def count_only(config, tokenizer, facts, args):
+    """The job's FLOPs without running it: the reference engine's full forwards (per site and batch, the
+    target and one patched forward per layer, logits at every position) against the exact-work floor."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    sites, layers = 3, config.num_hidden_layers
+    for label, examples in (("full job", args.examples), ("reference subset", args.subset)):
+        lengths, ends = job_shape(tokenizer, facts, examples, seed=0)
+        tokens, squares = padded_batches(lengths, args.batch_size)
+        reference = reference_flops(model, sites * (layers + 1), tokens, squares)
+        floor = floor_flops(model, lengths, ends)
+        print(f"{label}: {len(lengths)} prompts (mean {sum(lengths) / len(lengths):.1f} tokens), batches of "
+              f"{args.batch_size}: reference {reference / 1e15:.3f} PFLOP, exact-work floor {floor / 1e15:.4f} "
+              f"PFLOP, {reference / floor:.1f}x: the most any exact engine gains over the reference at its FLOP rate")
 
 
 if __name__ == "__main__":
