@@ -8,7 +8,8 @@ model's forward; they go through its decoder blocks, called directly, on a sched
 - a run patched at layer l joins the batch at block l (attn, mlp: with the clean block input, and a hook
   on the component writes the source activation into that run's rows) or at block l + 1 (resid: the
   block's clean output with the source activation written in), so blocks before a run's layer are
-  never recomputed for it, and every run active at a block shares one call of that block;
+  never recomputed for it, and every run active at a block shares one call of that block; with a patch
+  window, l is the window's first layer and the source is written in again at each later layer of it;
 - only positions from the first patched position on (the suffix) are computed: earlier positions are
   identical to the clean run, so their keys and values come from the recording as a prefix cache (for
   a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import models
-from .engine import _output_tensor, _with_tensor, add_hook, hooks, is_out_of_memory, pad_batch
+from .engine import _output_tensor, _with_tensor, add_hook, hooks, is_out_of_memory, pad_batch, window_layers
 from .errors import UserError
 from .metrics import METRICS, ROWS, patch_metrics
 
@@ -291,12 +292,11 @@ class FastEngine:
         return output
 
     @torch.no_grad()
-    def span_kv(self, clean, spans, values, layers):
-        """Per block, the clean keys and values with the *source's* written in at each span [start, stop)
-        of `spans` {example: (start, stop)}: a run patched with the source's resid over the whole span,
-        after tokens equal in target and source, equals the source there in every later block."""
-        index_of = {layer: li for li, layer in enumerate(layers)}
-        first = min(layers) + 1
+    def span_kv(self, clean, spans, sources, first):
+        """Per block from `first` on, the clean keys and values with the *source's* written in at each span
+        [start, stop) of `spans` {example: (start, stop)}: a run patched with the source's resid over the
+        whole span, after tokens equal in target and source, equals the source there in every later block
+        (`sources`: a Sources, with the resid of every layer from first - 1 on)."""
         out = {b: (clean.kv[b][0].clone(), clean.kv[b][1].clone()) for b in range(first, self.n_layers)}
         by_width = defaultdict(list)
         for e, (start, stop) in spans.items():
@@ -306,7 +306,7 @@ class FastEngine:
             starts = [spans[e][0] for e in examples]
             index = RowIndex(ex, torch.as_tensor(starts, device=self.device), width, max(starts))
             for block in range(first, self.n_layers):
-                hidden = values[ex, index_of[block - 1], :width].to(self.dtype)
+                hidden = sources.span(ex, width, block - 1).to(self.dtype)
                 _, (keys, vals) = self._call_block(clean, block, hidden, index, clean.kv[block], mlp="none",
                                                    record=True)
                 for kv, new in zip(out[block], (keys, vals)):
@@ -314,42 +314,58 @@ class FastEngine:
         return out
 
     @torch.no_grad()
-    def run_group(self, clean, component, group, layer_ids, layers, values, kv):
+    def run_group(self, clean, component, group, layer_ids, layers, source, kv, window=1):
         """Last-position hidden states [len(layer_ids) * len(group.examples), H] of the runs (example,
         layer) of `group` (a Group: examples sharing a suffix width), rows layer-major as in the returned
-        order. Each run joins the batch at the block where its patch happens: block l for attn and mlp
-        (a hook writes the source into the component's output), block l + 1 for resid (the clean block
-        output, source written in), so no block before a run's layer is recomputed for it."""
+        order. The run for layer l patches every layer k of window_layers(l, window) = [a, b), writing
+        `source(rows, slots, k)` in. It joins the batch at the block where its first patch happens: block
+        a for attn and mlp (a hook writes the source into the component's output in blocks a .. b - 1),
+        block a + 1 for resid (block a's clean output, source written in; blocks a + 1 .. b - 1 get it
+        written into their outputs), so no block before a run's window is recomputed for it."""
         ex, width = group.examples, group.width
         n = len(ex)
         r_idx, p_idx, s_idx = group.writes
-
-        def source(li):
-            return values[ex[r_idx], li, s_idx]
-
+        rows, slots = ex[r_idx], s_idx
+        windows = {li: window_layers(layers[li], window, self.n_layers) for li in layer_ids}
         joins = defaultdict(list)  # block index -> layer ids joining there
         for li in layer_ids:
-            joins[layers[li] + 1 if component == "resid" else layers[li]].append(li)
+            joins[windows[li][0] + 1 if component == "resid" else windows[li][0]].append(li)
         full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, group.index.prefix)
         hidden, order = None, []
+
+        def written(block):
+            """(rows, positions, values) of the source written at layer `block` into the runs in the batch
+            whose window patches it; None if there are none."""
+            runs = [i for i, li in enumerate(order) if block in windows[li]]
+            if not runs or len(r_idx) == 0:
+                return None
+            offsets = torch.as_tensor(runs, device=self.device).repeat_interleave(len(r_idx)) * n
+            return (r_idx.repeat(len(runs)) + offsets, p_idx.repeat(len(runs)),
+                    source(rows, slots, block).repeat(len(runs), 1))
+
         for block in range(min(joins), self.n_layers + 1):
-            patch = None
             for li in joins.get(block, []):
-                n_before = 0 if hidden is None else hidden.shape[0]
                 if component == "resid":
-                    joining = group.index.gather(clean.block_output(layers[li]))
-                    joining = joining.index_put((r_idx, p_idx), source(li).to(joining.dtype))
+                    first = windows[li][0]
+                    joining = group.index.gather(clean.block_output(first))
+                    joining = joining.index_put((r_idx, p_idx), source(rows, slots, first).to(joining.dtype))
                 else:
                     joining = group.index.gather(clean.inputs[block])
-                    patch = (models.component_module(self.model, component, block), r_idx + n_before, p_idx,
-                             source(li))
                 hidden = joining if hidden is None else torch.cat([hidden, joining])
                 order.append(li)
             if block == self.n_layers:
                 break
             index = full.first(len(order) * n)
+            patch = None
+            if component != "resid":
+                patch = written(block)
+                if patch is not None:
+                    patch = (models.component_module(self.model, component, block), *patch)
             hidden = self._call_block(clean, block, hidden, index, kv(block), patch,
                                       mlp="last" if block == self.n_layers - 1 else "all")
+            later = written(block) if component == "resid" else None  # resid patched again after this block
+            if later is not None:
+                hidden = hidden.index_put(later[:2], later[2].to(hidden.dtype))
         self.stats["patched_runs"] += hidden.shape[0]
         self.stats["span_runs"] += hidden.shape[0] if group.span else 0
         return hidden[:, width - 1], order
@@ -491,13 +507,14 @@ def _split(group, lis, positions, device):
     return None
 
 
-def _spans(site, positions, lengths, layers, n_layers, same_until, use_prefix):
+def _spans(site, positions, lengths, first, available, n_layers, same_until, use_prefix):
     """For each example, the end of its patched span if the span path applies: a resid site whose
     positions are one run [start, stop) before the last token, where target and source run the same up to
     `start` (`same_until[e]`: the first position at which they may differ, by token or by noise), with
-    the source activation of every layer from the first patched one on (it is the input of the blocks
-    after it). Else None."""
-    if site.component != "resid" or not use_prefix or not set(range(min(layers), n_layers - 1)) <= set(layers):
+    the source activation of every layer from the first patched one (`first`) on among the `available`
+    ones (it is the input of the blocks after it). Else None. Any patch window gives the same runs as its
+    first layer alone: the later layers' source activations are what the span holds there anyway."""
+    if site.component != "resid" or not use_prefix or not set(range(first, n_layers - 1)) <= available:
         return None
     out = []
     for ps, n, same in zip(positions, lengths, same_until):
@@ -522,11 +539,12 @@ def _same_until(pairs, targets, sources):
 
 
 @torch.no_grad()
-def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True,
+def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True, window=1,
                 max_tokens=None, fail_above=None, engine_object=None):
-    """Per-example metrics [example, layer] for each site, as patching.patch_site returns them, from one
-    clean run per batch of examples shared by every site. `engine_object` reuses a FastEngine (its
-    stats then count this call too)."""
+    """Per-example metrics [example, layer] for each site, as patching.patch_site returns them (the
+    source patched into every layer of window_layers(layer, window)), from one clean run per batch of
+    examples shared by every site. `engine_object` reuses a FastEngine (its stats then count this call
+    too)."""
     import xarray as xr
 
     from .pairs import token_lists
@@ -542,6 +560,13 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.device) for r in ("target", "source")]
     lengths = [len(t) for t in targets]
     same_until = _same_until(pairs, targets, sources)
+    windows = [window_layers(layer, window, engine.n_layers) for layer in layers]
+    available = {int(layer) for layer in acts["layer"].values}
+    missing = sorted({k for w in windows for k in w} - available)
+    if missing:
+        raise UserError(f"no source activations at layers {missing}, which the patch windows touch; extract "
+                        "them at every layer of window_layers(layer, window)")
+    first = min(w[0] for w in windows)
     pending = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not progress)
     while pending:
@@ -563,10 +588,10 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
                         "(slower, same numbers)", model.config.model_type)
         finals = []
         for site_number, site in enumerate(sites):
-            spans = _spans(site, positions[site.name][a:b], lengths[a:b], layers, engine.n_layers,
+            spans = _spans(site, positions[site.name][a:b], lengths[a:b], first, available, engine.n_layers,
                            same_until[a:b], use_prefix and engine.spans)
-            finals += _site_runs(engine, clean, site, site_number, layers, positions[site.name][a:b],
-                                 lengths[a:b], acts, a, b, use_prefix, spans)
+            finals += _site_runs(engine, clean, site, site_number, layers, window, positions[site.name][a:b],
+                                 lengths[a:b], Sources(acts, site, a, b, engine), use_prefix, spans, first)
             _unpatched(clean, positions[site.name][a:b], [x[a:b] for x in answers], base, a, results[site.name])
         _score(engine, clean, finals, sites, layers, [x[a:b] for x in answers], base, a, results)
         bar.update(b - a)
@@ -576,7 +601,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
         data = {k: (("example", "layer"), v, {"description": METRICS[k]}) for k, v in results[site.name].items()}
         ds = xr.Dataset(data, coords={"example": pairs["example"].values, "layer": np.asarray(layers)})
         ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
-                         "positions": site.positions, "js_base": base, "window": 1})
+                         "positions": site.positions, "js_base": base, "window": window})
         out[site.name] = ds
     return out
 
@@ -591,21 +616,38 @@ def _unpatched(clean, positions, answers, base, a, out):
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
 
-def _site_runs(engine, clean, site, site_number, layers, positions, lengths, acts, a, b, use_prefix, spans):
+class Sources:
+    """The source activations of one site for the examples a..b of a clean batch, by model layer."""
+
+    def __init__(self, acts, site, a, b, engine):
+        self.values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
+            engine.device, engine.dtype)                                     # [B, layer, slot, H]
+        self.index = {int(layer): i for i, layer in enumerate(acts["layer"].values)}
+
+    def __call__(self, rows, slots, layer):
+        """[len(rows), H]: clean-batch row rows[i], slot slots[i], at model layer `layer`."""
+        return self.values[rows, self.index[layer], slots]
+
+    def span(self, rows, width, layer):
+        """[len(rows), width, H]: the first `width` slots of each row at model layer `layer`."""
+        return self.values[rows, self.index[layer], :width]
+
+
+def _site_runs(engine, clean, site, site_number, layers, window, positions, lengths, sources, use_prefix, spans,
+               first):
     """The last-position hidden states of every (example, layer) run of one site on one clean batch:
     a list of (site number, clean-batch rows, layer ids, hidden [R, H])."""
-    values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
-        engine.device, engine.dtype)
     kv = clean.kv.get
     if spans is not None and any(s is not None for s in spans):
         span_kv = engine.span_kv(clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None},
-                                 values, layers)
+                                 sources, first + 1)
         kv = span_kv.get
     pending = _groups(positions, lengths, use_prefix, spans, list(range(len(layers))), engine)
     finals = []
     while pending:
         group, lis = pending.pop(0)
-        result = engine.with_backoff(lambda: engine.run_group(clean, site.component, group, lis, layers, values, kv),
+        result = engine.with_backoff(lambda: engine.run_group(clean, site.component, group, lis, layers, sources, kv,
+                                                              window),
                                      len(group.examples) * len(lis) * group.width, f"site {site.label}")
         if result is None:
             halves = _split(group, lis, positions, engine.device)

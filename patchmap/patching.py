@@ -173,17 +173,16 @@ def patch(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progr
     """{site name: per-example metrics [example, layer]} for each site, by the chosen engine: `fast`
     (patchmap.fast: many runs per block call, no recomputation a patch cannot change; `options` go to
     it, e.g. max_tokens) or `reference` (patch_site: hooks on one full forward per layer). The fast
-    engine covers single-layer swap, noise and ablate patching; knockout and windows fall back to the
+    engine covers swap, noise and ablate patching, with any window; knockout falls back to the
     reference."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
     intervention = pairs.attrs.get("intervention", "swap")
-    if engine == "fast" and (intervention not in ("swap", "noise", "ablate") or window != 1):
-        log.info("the fast engine does not do %s%s; using the reference engine",
-                 intervention, f" with window {window}" if window != 1 else "")
+    if engine == "fast" and intervention not in ("swap", "noise", "ablate"):
+        log.info("the fast engine does not do %s; using the reference engine", intervention)
         engine = "reference"
     if engine == "reference":
         return {s.name: patch_site(model, pairs, acts, s, layers, batch_size, pad_id, base, progress, window)
                 for s in sites}
     from .fast import patch_sites
-    return patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base, progress, **options)
+    return patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base, progress, window, **options)

@@ -175,6 +175,41 @@ def test_fast_equals_reference_for_noise_and_ablation(family_world, load_family,
     assert (engine.stats["span_runs"] > 0) == (method == "noise")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("intervention", ["swap", "noise", "ablate-mean"])
+def test_fast_equals_reference_with_a_patch_window(family_world, load_family, family, intervention):
+    """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
+    blocks) on every component and position group."""
+    model, tokenizer = load_family(family)
+    method, _, value = intervention.partition("-")
+    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=6, seed=2, known_only=False,
+                       intervention=method, noise_scale=3.0)
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 3, tokenizer.pad_token_id, False)
+    if method == "ablate":
+        acts = patching.broadcast_ablation(patching.ablation_values([acts], ALL_SITES, value), pairs)
+    for window in (2, 3):
+        reference = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id,
+                                   progress=False, engine="reference", window=window)
+        engine = FastEngine(model)
+        fast = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id, progress=False,
+                              engine_object=engine, window=window)
+        _assert_same(reference, fast)
+        assert all(ds.attrs["window"] == window for ds in fast.values())
+        assert engine.stats["patched_runs"] > 0 and (engine.stats["span_runs"] > 0) == (method != "ablate")
+    single = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id, progress=False)
+    assert any(np.abs(single[s.name]["js"].values - fast[s.name]["js"].values).max() > 1e-3 for s in ALL_SITES)
+
+
+def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(family_world, load_family):
+    model, tokenizer = load_family("llama")
+    pairs = _pairs(model, tokenizer, family_world, examples=4)
+    site = [Site("last", "Last.", "resid", "last")]
+    acts = patching.extract_activations(model, pairs, site, [1], 4, tokenizer.pad_token_id, False)
+    with pytest.raises(UserError, match=r"no source activations at layers \[0, 2\]"):
+        patching.patch(model, pairs, acts, site, [1], 4, tokenizer.pad_token_id, progress=False, window=3)
+
+
 def test_layout_modules_exist_and_are_distinct(family_model):
     model, _ = family_model
     for layer in range(models.n_layers(model)):
