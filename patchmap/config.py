@@ -100,6 +100,12 @@ def check_references(config):
                                 f"defined sites: {', '.join(config['sites'])}")
         if len(set(run["sites"])) != len(run["sites"]):
             raise UserError(f"config error at runs.{run_name}.sites: a site is listed twice")
+        if run.get("intervention") == "knockout":
+            for site in run["sites"]:
+                if config["sites"][site]["positions"] == "all":
+                    raise UserError(f"config error at runs.{run_name}.sites: knockout at site '{site}' (positions "
+                                    "'all') would block every token the last one attends to, which leaves its "
+                                    "attention undefined; use a group that keeps some, e.g. non_subject")
         model = config["models"][run["model"]]
         if "builtin" in model and run["layers"] != "all":
             too_high = [l for l in run["layers"] if l >= model["builtin"]["layers"]]

@@ -10,7 +10,7 @@ import torch
 
 from .errors import UserError
 from .metrics import patch_metrics
-from .models import blocks, component_module
+from .models import attention_module, blocks, component_module
 
 
 def pad_batch(sequences, pad_id, device):
@@ -170,7 +170,7 @@ def patch_batch(model, site, layers, target_ids, position_lists, source_values, 
 
     def run_hooks(layer):
         if knockout:
-            return [(component_module(model, "attn", l), knockout_hook(patch_mask, lengths - 1), "pre")
+            return [(attention_module(model, l), knockout_hook(patch_mask, lengths - 1), "pre")
                     for l in window_layers(layer, window, n_layers)]
         return [(component_module(model, site.component, l), replace_hook(patch_mask, source_values[l].to(device)))
                 for l in window_layers(layer, window, n_layers)]

@@ -10,6 +10,8 @@ model's forward; they go through its decoder blocks, called directly, on a sched
   block's clean output with the source activation written in), so blocks before a run's layer are
   never recomputed for it, and every run active at a block shares one call of that block; with a patch
   window, l is the window's first layer and the source is written in again at each later layer of it;
+  a knockout run (the last position's attention to the site's positions blocked) computes only the last
+  position, from the window's first block on, with those keys masked in the window's blocks;
 - only positions from the first patched position on (the suffix) are computed: earlier positions are
   identical to the clean run, so their keys and values come from the recording as a prefix cache (for
   a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
@@ -232,7 +234,12 @@ class FastEngine:
             return mask & ~hidden
         return mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
 
-    def _block_arguments(self, clean, layer, index, kv):
+    def _block_arguments(self, clean, layer, index, kv, blocked=None):
+        """The block's call arguments for the rows of `index`; `blocked` [R, P + W] (knockout) marks the
+        keys each row's last query may not attend to."""
+        if blocked is not None and "attention_mask" not in clean.arguments[layer]:
+            raise UserError(f"attention knockout needs the attention mask among the block arguments of "
+                            f"'{self.config.model_type}'; use engine: reference")
         out = {}
         for name, value in clean.arguments[layer].items():
             if name in CACHE_ARGUMENTS and value is not None:
@@ -241,6 +248,8 @@ class FastEngine:
                                          None if values is None else values[index.examples, :, :index.prefix])
             elif name == "attention_mask":
                 out[name] = self._mask(value, index)
+                if blocked is not None:
+                    out[name] = _block_last_query(out[name], blocked)
             elif name == "position_embeddings" and isinstance(value, (tuple, list)):
                 out[name] = tuple(index.gather(t) for t in value)
             elif name == "position_ids" and value is not None:
@@ -252,14 +261,14 @@ class FastEngine:
                 out[name] = value
         return out
 
-    def _call_block(self, clean, layer, hidden, index, kv, patch=None, mlp="all", record=False):
+    def _call_block(self, clean, layer, hidden, index, kv, patch=None, mlp="all", record=False, blocked=None):
         """Apply block `layer` to hidden [R, W, H], runs described by `index` (RowIndex); `kv` = (keys,
         values) [B, kv heads, T, head dim] holds each example's keys and values before its suffix.
         `patch` = (module, rows, positions, values) writes the source activation into a component's
         output; `mlp` = "last" computes the MLP only at the last suffix position (all other positions of
         the last block feed nothing), "none" not at all; with `record`, also return the keys and values
-        the block computed."""
-        kwargs = self._block_arguments(clean, layer, index, kv)
+        the block computed; `blocked` [R, P + W] marks keys each row's last query may not attend to."""
+        kwargs = self._block_arguments(clean, layer, index, kv, blocked)
         kwargs[clean.hidden_name[layer]] = hidden
         rows, width = hidden.shape[:2]
         if not record:
@@ -314,14 +323,16 @@ class FastEngine:
         return out
 
     @torch.no_grad()
-    def run_group(self, clean, component, group, layer_ids, layers, source, kv, window=1):
+    def run_group(self, clean, component, group, layer_ids, layers, source, kv, window=1, site_mask=None):
         """Last-position hidden states [len(layer_ids) * len(group.examples), H] of the runs (example,
         layer) of `group` (a Group: examples sharing a suffix width), rows layer-major as in the returned
         order. The run for layer l patches every layer k of window_layers(l, window) = [a, b), writing
         `source(rows, slots, k)` in. It joins the batch at the block where its first patch happens: block
         a for attn and mlp (a hook writes the source into the component's output in blocks a .. b - 1),
         block a + 1 for resid (block a's clean output, source written in; blocks a + 1 .. b - 1 get it
-        written into their outputs), so no block before a run's window is recomputed for it."""
+        written into their outputs), so no block before a run's window is recomputed for it. Knockout
+        (`site_mask` [B, T]: the site's positions): nothing is written; in blocks a .. b - 1 the last
+        position may not attend to the site's positions, and the run joins at block a."""
         ex, width = group.examples, group.width
         n = len(ex)
         r_idx, p_idx, s_idx = group.writes
@@ -329,7 +340,7 @@ class FastEngine:
         windows = {li: window_layers(layers[li], window, self.n_layers) for li in layer_ids}
         joins = defaultdict(list)  # block index -> layer ids joining there
         for li in layer_ids:
-            joins[windows[li][0] + 1 if component == "resid" else windows[li][0]].append(li)
+            joins[windows[li][0] + 1 if component == "resid" and site_mask is None else windows[li][0]].append(li)
         full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, group.index.prefix)
         hidden, order = None, []
 
@@ -345,7 +356,7 @@ class FastEngine:
 
         for block in range(min(joins), self.n_layers + 1):
             for li in joins.get(block, []):
-                if component == "resid":
+                if component == "resid" and site_mask is None:
                     first = windows[li][0]
                     joining = group.index.gather(clean.block_output(first))
                     joining = joining.index_put((r_idx, p_idx), source(rows, slots, first).to(joining.dtype))
@@ -361,8 +372,13 @@ class FastEngine:
                 patch = written(block)
                 if patch is not None:
                     patch = (models.component_module(self.model, component, block), *patch)
+            blocked = None
+            if site_mask is not None:
+                runs = torch.as_tensor([block in windows[li] for li in order], device=self.device)
+                keys = index.keys.clamp(max=site_mask.shape[1] - 1)
+                blocked = site_mask[index.examples[:, None], keys] & index.valid & runs.repeat_interleave(n)[:, None]
             hidden = self._call_block(clean, block, hidden, index, kv(block), patch,
-                                      mlp="last" if block == self.n_layers - 1 else "all")
+                                      mlp="last" if block == self.n_layers - 1 else "all", blocked=blocked)
             later = written(block) if component == "resid" else None  # resid patched again after this block
             if later is not None:
                 hidden = hidden.index_put(later[:2], later[2].to(hidden.dtype))
@@ -395,6 +411,16 @@ class FastEngine:
         log.warning("out of memory in %s (%s); retrying in smaller chunks (token budget now %d)",
                     what, message, self.max_tokens)
         return None
+
+
+def _block_last_query(mask, blocked):
+    """`mask` [R, heads or 1, W, K] (boolean: allowed; else additive) with the keys `blocked` [R, K]
+    taken from each row's last query."""
+    edges = torch.zeros((mask.shape[0], 1, mask.shape[2], mask.shape[3]), dtype=torch.bool, device=mask.device)
+    edges[:, 0, -1] = blocked
+    if mask.dtype == torch.bool:
+        return mask & ~edges
+    return mask.masked_fill(edges, torch.finfo(mask.dtype).min)
 
 
 def _skip_mlp_rows(modules, keep):
@@ -462,28 +488,31 @@ class Group:
     writes: tuple             # (example row, position - start, slot) of each source activation written
     span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
     index: RowIndex
+    knockout: bool = False    # knockout runs: the last position only, nothing written
 
 
-def _groups(positions, lengths, use_prefix, spans, layer_ids, engine):
+def _groups(positions, lengths, use_prefix, spans, layer_ids, engine, knockout=False):
     """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
-    many positions each run computes (length - first computed position) and by whether the span path
-    applies, then split to the engine's token budget."""
+    many positions each run computes (length - first computed position; for knockout only the last
+    position changes) and by whether the span path applies, then split to the engine's token budget."""
     by_key = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
-            start = span if span is not None else (min(ps) if use_prefix else 0)
+            first = int(lengths[e]) - 1 if knockout else min(ps)
+            start = span if span is not None else (first if use_prefix else 0)
             by_key[(int(lengths[e]) - start, span is not None)].append((e, start))
     chunks = []
     for (width, span), members in sorted(by_key.items()):
         for picked, lis in engine.chunks(len(members), layer_ids, width):
-            chunks.append((_group([members[i] for i in picked], positions, width, span, engine.device), lis))
+            chunks.append((_group([members[i] for i in picked], positions, width, span, engine.device, knockout),
+                           lis))
     return chunks
 
 
-def _group(members, positions, width, span, device):
+def _group(members, positions, width, span, device, knockout=False):
     writes = ([], [], [])
-    if not span:
+    if not span and not knockout:
         for r, (e, start) in enumerate(members):
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
@@ -491,7 +520,7 @@ def _group(members, positions, width, span, device):
     examples = torch.as_tensor([e for e, _ in members], device=device)
     starts = torch.as_tensor([s for _, s in members], device=device)
     return Group(examples, starts, width, tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes),
-                 span, RowIndex(examples, starts, width, max(s for _, s in members)))
+                 span, RowIndex(examples, starts, width, max(s for _, s in members)), knockout)
 
 
 def _split(group, lis, positions, device):
@@ -499,7 +528,7 @@ def _split(group, lis, positions, device):
     members = list(zip(group.examples.tolist(), group.starts.tolist()))
     if len(members) > 1:
         half = len(members) // 2
-        return [(_group(part, positions, group.width, group.span, device), lis)
+        return [(_group(part, positions, group.width, group.span, device, group.knockout), lis)
                 for part in (members[:half], members[half:])]
     if len(lis) > 1:
         half = len(lis) // 2
@@ -561,8 +590,9 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     lengths = [len(t) for t in targets]
     same_until = _same_until(pairs, targets, sources)
     windows = [window_layers(layer, window, engine.n_layers) for layer in layers]
-    available = {int(layer) for layer in acts["layer"].values}
-    missing = sorted({k for w in windows for k in w} - available)
+    knockout = pairs.attrs.get("intervention") == "knockout"
+    available = set() if knockout else {int(layer) for layer in acts["layer"].values}
+    missing = [] if knockout else sorted({k for w in windows for k in w} - available)
     if missing:
         raise UserError(f"no source activations at layers {missing}, which the patch windows touch; extract "
                         "them at every layer of window_layers(layer, window)")
@@ -588,10 +618,11 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
                         "(slower, same numbers)", model.config.model_type)
         finals = []
         for site_number, site in enumerate(sites):
-            spans = _spans(site, positions[site.name][a:b], lengths[a:b], first, available, engine.n_layers,
-                           same_until[a:b], use_prefix and engine.spans)
+            spans = None if knockout else _spans(site, positions[site.name][a:b], lengths[a:b], first, available,
+                                                 engine.n_layers, same_until[a:b], use_prefix and engine.spans)
+            sources = None if knockout else Sources(acts, site, a, b, engine)
             finals += _site_runs(engine, clean, site, site_number, layers, window, positions[site.name][a:b],
-                                 lengths[a:b], Sources(acts, site, a, b, engine), use_prefix, spans, first)
+                                 lengths[a:b], sources, use_prefix, spans, first)
             _unpatched(clean, positions[site.name][a:b], [x[a:b] for x in answers], base, a, results[site.name])
         _score(engine, clean, finals, sites, layers, [x[a:b] for x in answers], base, a, results)
         bar.update(b - a)
@@ -636,18 +667,25 @@ class Sources:
 def _site_runs(engine, clean, site, site_number, layers, window, positions, lengths, sources, use_prefix, spans,
                first):
     """The last-position hidden states of every (example, layer) run of one site on one clean batch:
-    a list of (site number, clean-batch rows, layer ids, hidden [R, H])."""
+    a list of (site number, clean-batch rows, layer ids, hidden [R, H]). Without `sources`, the knockout
+    intervention: the last position's attention to the site's positions is blocked instead."""
+    site_mask = None
+    if sources is None:
+        site_mask = torch.zeros(len(positions), int(max(lengths)), dtype=torch.bool)
+        for e, ps in enumerate(positions):
+            site_mask[e, ps] = True
+        site_mask = site_mask.to(engine.device)
     kv = clean.kv.get
     if spans is not None and any(s is not None for s in spans):
         span_kv = engine.span_kv(clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None},
                                  sources, first + 1)
         kv = span_kv.get
-    pending = _groups(positions, lengths, use_prefix, spans, list(range(len(layers))), engine)
+    pending = _groups(positions, lengths, use_prefix, spans, list(range(len(layers))), engine, site_mask is not None)
     finals = []
     while pending:
         group, lis = pending.pop(0)
         result = engine.with_backoff(lambda: engine.run_group(clean, site.component, group, lis, layers, sources, kv,
-                                                              window),
+                                                              window, site_mask),
                                      len(group.examples) * len(lis) * group.width, f"site {site.label}")
         if result is None:
             halves = _split(group, lis, positions, engine.device)

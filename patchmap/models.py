@@ -20,16 +20,18 @@ class Layout:
     its attention and MLP modules. `attn` and `mlp` name the modules whose outputs are added to the
     residual stream (for Gemma 2/3 and OLMo 2 that is the norm applied after the attention or MLP).
     `final` lists the modules (dotted paths from the model, applied in order; a missing one is skipped)
-    between the last block's output and the output embedding."""
+    between the last block's output and the output embedding. `attention` is the attention module
+    itself (it takes the attention mask), where that is not `attn`."""
     blocks: str
     attn: str
     mlp: str
     final: tuple = ("model.norm",)
     ffn: tuple = ("mlp", "mlp")  # the modules where the MLP's computation starts and ends
+    attention: str = None
 
 
 _LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp")
-_POST_NORM = Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")
+_POST_NORM = Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", attention="self_attn")
 LAYOUTS = {
     "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE, "gemma": _LLAMA_LIKE, "gemma2": _POST_NORM,
@@ -84,6 +86,12 @@ def component_module(model, component, layer):
     block = blocks(model)[layer]
     layout = layout_for(model)
     return {"resid": block, "attn": _get(block, layout.attn), "mlp": _get(block, layout.mlp)}[component]
+
+
+def attention_module(model, layer):
+    """Block `layer`'s attention module (the one that takes the attention mask)."""
+    layout = layout_for(model)
+    return _get(blocks(model)[layer], layout.attention or layout.attn)
 
 
 def mlp_modules(model, layer):

@@ -168,19 +168,27 @@ def _halving_on_out_of_memory(run, a, b, site):
 ENGINES = ("fast", "reference")
 
 
+def _check_knockout(pairs, sites):
+    """A knockout that blocks every key of the last token leaves its attention undefined (softmax over
+    nothing): stop with a clear error instead of returning whatever the kernel makes of it."""
+    for site in sites:
+        for example, ps, n in zip(pairs["example"].values, site_positions(pairs, site), pairs["length"].values):
+            if len(ps) == int(n):
+                raise UserError(f"knockout at site {site.label} ({site.positions}) blocks every token the last "
+                                f"token attends to (example {example}), which leaves its attention undefined; "
+                                "use a position group that keeps some, e.g. non_subject")
+
+
 def patch(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0, progress=True, engine="fast",
           window=1, **options):
     """{site name: per-example metrics [example, layer]} for each site, by the chosen engine: `fast`
     (patchmap.fast: many runs per block call, no recomputation a patch cannot change; `options` go to
     it, e.g. max_tokens) or `reference` (patch_site: hooks on one full forward per layer). The fast
-    engine covers swap, noise and ablate patching, with any window; knockout falls back to the
-    reference."""
+    engine covers every intervention (swap, noise, ablate, knockout) with any window."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
-    intervention = pairs.attrs.get("intervention", "swap")
-    if engine == "fast" and intervention not in ("swap", "noise", "ablate"):
-        log.info("the fast engine does not do %s; using the reference engine", intervention)
-        engine = "reference"
+    if pairs.attrs.get("intervention") == "knockout":
+        _check_knockout(pairs, sites)
     if engine == "reference":
         return {s.name: patch_site(model, pairs, acts, s, layers, batch_size, pad_id, base, progress, window)
                 for s in sites}

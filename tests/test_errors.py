@@ -145,6 +145,16 @@ def test_duplicate_site_labels():
         "and must be unique")
 
 
+# 10b. a knockout that would block every key of the last token
+def test_knockout_of_every_position_is_rejected():
+    config = with_change(["sites", "last", "positions"], "all")
+    config["runs"]["r"]["intervention"] = "knockout"
+    assert error_of(config).startswith("config error at runs.r.sites: knockout at site 'last' (positions 'all') "
+                                       "would block every token the last one attends to")
+    config["runs"]["r"]["intervention"] = "swap"
+    check(config)
+
+
 # 11. a dataset that is empty after filtering or pairing
 def test_nothing_left_after_filtering(tiny_model, world):
     model, tokenizer = tiny_model

@@ -201,6 +201,29 @@ def test_fast_equals_reference_with_a_patch_window(family_world, load_family, fa
     assert any(np.abs(single[s.name]["js"].values - fast[s.name]["js"].values).max() > 1e-3 for s in ALL_SITES)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_fast_equals_reference_for_attention_knockout(family_world, load_family, family):
+    """Knockout: the last position's attention to each position group blocked, in windows of 1 and 3."""
+    model, tokenizer = load_family(family)
+    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=6, seed=2, known_only=False,
+                       intervention="knockout")
+    layers = list(range(models.n_layers(model)))
+    sites = [s for s in ALL_SITES if s.component == "attn" and s.positions != "all"]  # knockout ignores the component
+    acts = patching.extract_activations(model, pairs, sites, layers, 3, tokenizer.pad_token_id, False)
+    for window in (1, 3):
+        reference = patching.patch(model, pairs, acts, sites, layers, 3, tokenizer.pad_token_id,
+                                   progress=False, engine="reference", window=window)
+        engine = FastEngine(model)
+        fast = patching.patch(model, pairs, acts, sites, layers, 3, tokenizer.pad_token_id, progress=False,
+                              engine_object=engine, window=window)
+        _assert_same(reference, fast)
+        assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
+        assert engine.stats["patched_runs"] > 0 and engine.stats["span_runs"] == 0
+    everything = [Site("all", "All", "attn", "all")]
+    with pytest.raises(UserError, match="blocks every token the last token attends to"):
+        patching.patch(model, pairs, acts, everything, layers, 3, tokenizer.pad_token_id, progress=False)
+
+
 def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(family_world, load_family):
     model, tokenizer = load_family("llama")
     pairs = _pairs(model, tokenizer, family_world, examples=4)
