@@ -153,26 +153,40 @@ def test_without_the_span_path_and_with_it_the_subject_row_agrees(family_world, 
         assert (engine.stats["span_runs"] > 0) == spans
 
 
+def _intervention_job(model, tokenizer, world, intervention, sites, examples, seed, batch_size):
+    """Pairs and source activations (ablation values for ablate-zero / ablate-mean) of one intervention."""
+    method, _, value = intervention.partition("-")
+    pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False,
+                       intervention=method, noise_scale=3.0)
+    layers = list(range(models.n_layers(model)))
+    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
+    if method == "ablate":
+        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
+    return pairs, layers, acts
+
+
+def _engines_agree(model, tokenizer, pairs, acts, sites, layers, batch_size, window=1):
+    """Both engines on the same job; asserts they agree; returns the reference's, the fast engine's
+    results and the FastEngine (for its counters)."""
+    reference = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
+                               progress=False, engine="reference", window=window)
+    engine = FastEngine(model)
+    fast = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id, progress=False,
+                          engine_object=engine, window=window)
+    _assert_same(reference, fast)
+    assert all(ds.attrs["window"] == window for ds in fast.values())
+    return reference, fast, engine
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(family_world, load_family, family, intervention):
     model, tokenizer = load_family(family)
-    method, _, value = intervention.partition("-")
-    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=8, seed=1, known_only=False,
-                       intervention=method, noise_scale=3.0)
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 4, tokenizer.pad_token_id, False)
-    if method == "ablate":
-        acts = patching.broadcast_ablation(patching.ablation_values([acts], ALL_SITES, value), pairs)
-    reference = patching.patch(model, pairs, acts, ALL_SITES, layers, 4, tokenizer.pad_token_id, progress=False,
-                               engine="reference")
-    engine = FastEngine(model)
-    fast = patching.patch(model, pairs, acts, ALL_SITES, layers, 4, tokenizer.pad_token_id, progress=False,
-                          engine_object=engine)
-    _assert_same(reference, fast)
+    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, intervention, ALL_SITES, 8, 1, 4)
+    reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 4)
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
     # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
-    assert (engine.stats["span_runs"] > 0) == (method == "noise")
+    assert (engine.stats["span_runs"] > 0) == (intervention == "noise")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
@@ -181,22 +195,11 @@ def test_fast_equals_reference_with_a_patch_window(family_world, load_family, fa
     """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
     blocks) on every component and position group."""
     model, tokenizer = load_family(family)
-    method, _, value = intervention.partition("-")
-    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=6, seed=2, known_only=False,
-                       intervention=method, noise_scale=3.0)
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 3, tokenizer.pad_token_id, False)
-    if method == "ablate":
-        acts = patching.broadcast_ablation(patching.ablation_values([acts], ALL_SITES, value), pairs)
+    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, intervention, ALL_SITES, 6, 2, 3)
     for window in (2, 3):
-        reference = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id,
-                                   progress=False, engine="reference", window=window)
-        engine = FastEngine(model)
-        fast = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id, progress=False,
-                              engine_object=engine, window=window)
-        _assert_same(reference, fast)
-        assert all(ds.attrs["window"] == window for ds in fast.values())
-        assert engine.stats["patched_runs"] > 0 and (engine.stats["span_runs"] > 0) == (method != "ablate")
+        _, fast, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 3, window)
+        assert engine.stats["patched_runs"] > 0
+        assert (engine.stats["span_runs"] > 0) == (intervention != "ablate-mean")
     single = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id, progress=False)
     assert any(np.abs(single[s.name]["js"].values - fast[s.name]["js"].values).max() > 1e-3 for s in ALL_SITES)
 
@@ -205,18 +208,10 @@ def test_fast_equals_reference_with_a_patch_window(family_world, load_family, fa
 def test_fast_equals_reference_for_attention_knockout(family_world, load_family, family):
     """Knockout: the last position's attention to each position group blocked, in windows of 1 and 3."""
     model, tokenizer = load_family(family)
-    pairs = make_pairs(model, tokenizer, synthetic.facts(family_world), examples=6, seed=2, known_only=False,
-                       intervention="knockout")
-    layers = list(range(models.n_layers(model)))
     sites = [s for s in ALL_SITES if s.component == "attn" and s.positions != "all"]  # knockout ignores the component
-    acts = patching.extract_activations(model, pairs, sites, layers, 3, tokenizer.pad_token_id, False)
+    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, "knockout", sites, 6, 2, 3)
     for window in (1, 3):
-        reference = patching.patch(model, pairs, acts, sites, layers, 3, tokenizer.pad_token_id,
-                                   progress=False, engine="reference", window=window)
-        engine = FastEngine(model)
-        fast = patching.patch(model, pairs, acts, sites, layers, 3, tokenizer.pad_token_id, progress=False,
-                              engine_object=engine, window=window)
-        _assert_same(reference, fast)
+        reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, sites, layers, 3, window)
         assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
         assert engine.stats["patched_runs"] > 0 and engine.stats["span_runs"] == 0
     everything = [Site("all", "All", "attn", "all")]
