@@ -337,17 +337,17 @@ class FastEngine:
         n = len(ex)
         r_idx, p_idx, s_idx = group.writes
         rows, slots = ex[r_idx], s_idx
+        into_output = component == "resid" and site_mask is None  # the source goes into block outputs
         windows = {li: window_layers(layers[li], window, self.n_layers) for li in layer_ids}
         joins = defaultdict(list)  # block index -> layer ids joining there
         for li in layer_ids:
-            joins[windows[li][0] + 1 if component == "resid" and site_mask is None else windows[li][0]].append(li)
+            joins[windows[li][0] + (1 if into_output else 0)].append(li)
         full = RowIndex(ex.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width, group.index.prefix)
         hidden, order = None, []
 
-        def written(block):
-            """(rows, positions, values) of the source written at layer `block` into the runs in the batch
-            whose window patches it; None if there are none."""
-            runs = [i for i, li in enumerate(order) if block in windows[li]]
+        def written(runs, block):
+            """(rows, positions, values) of the source written at layer `block` into the runs (indices into
+            `order`) `runs`; None if nothing is written."""
             if not runs or len(r_idx) == 0:
                 return None
             offsets = torch.as_tensor(runs, device=self.device).repeat_interleave(len(r_idx)) * n
@@ -356,7 +356,7 @@ class FastEngine:
 
         for block in range(min(joins), self.n_layers + 1):
             for li in joins.get(block, []):
-                if component == "resid" and site_mask is None:
+                if into_output:
                     first = windows[li][0]
                     joining = group.index.gather(clean.block_output(first))
                     joining = joining.index_put((r_idx, p_idx), source(rows, slots, first).to(joining.dtype))
@@ -367,21 +367,19 @@ class FastEngine:
             if block == self.n_layers:
                 break
             index = full.first(len(order) * n)
-            patch = None
-            if component != "resid":
-                patch = written(block)
-                if patch is not None:
-                    patch = (models.component_module(self.model, component, block), *patch)
-            blocked = None
+            runs = [i for i, li in enumerate(order) if block in windows[li]]  # the runs patched in this block
+            patch = blocked = None
             if site_mask is not None:
-                runs = torch.as_tensor([block in windows[li] for li in order], device=self.device)
+                in_window = torch.zeros(len(order), dtype=torch.bool, device=self.device)
+                in_window[runs] = True
                 keys = index.keys.clamp(max=site_mask.shape[1] - 1)
-                blocked = site_mask[index.examples[:, None], keys] & index.valid & runs.repeat_interleave(n)[:, None]
+                blocked = site_mask[index.examples[:, None], keys] & index.valid & in_window.repeat_interleave(n)[:, None]
+            elif not into_output and (write := written(runs, block)) is not None:
+                patch = (models.component_module(self.model, component, block), *write)
             hidden = self._call_block(clean, block, hidden, index, kv(block), patch,
                                       mlp="last" if block == self.n_layers - 1 else "all", blocked=blocked)
-            later = written(block) if component == "resid" else None  # resid patched again after this block
-            if later is not None:
-                hidden = hidden.index_put(later[:2], later[2].to(hidden.dtype))
+            if into_output and (write := written(runs, block)) is not None:  # patched again after this block
+                hidden = hidden.index_put(write[:2], write[2].to(hidden.dtype))
         self.stats["patched_runs"] += hidden.shape[0]
         self.stats["span_runs"] += hidden.shape[0] if group.span else 0
         return hidden[:, width - 1], order
@@ -482,13 +480,22 @@ class RowIndex:
 @dataclass
 class Group:
     """Examples of one clean batch whose runs at a site compute the same number of positions."""
-    examples: torch.Tensor    # clean-batch rows
-    starts: torch.Tensor      # first computed position of each
-    width: int                # positions computed per run: length - start
+    index: RowIndex           # clean-batch rows, first computed position of each, positions computed per run
     writes: tuple             # (example row, position - start, slot) of each source activation written
     span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
-    index: RowIndex
     knockout: bool = False    # knockout runs: the last position only, nothing written
+
+    @property
+    def examples(self):
+        return self.index.examples
+
+    @property
+    def starts(self):
+        return self.index.starts
+
+    @property
+    def width(self):
+        return self.index.width
 
 
 def _groups(positions, lengths, use_prefix, spans, layer_ids, engine, knockout=False):
@@ -519,8 +526,8 @@ def _group(members, positions, width, span, device, knockout=False):
                     column.append(value)
     examples = torch.as_tensor([e for e, _ in members], device=device)
     starts = torch.as_tensor([s for _, s in members], device=device)
-    return Group(examples, starts, width, tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes),
-                 span, RowIndex(examples, starts, width, max(s for _, s in members)), knockout)
+    return Group(RowIndex(examples, starts, width, max(s for _, s in members)),
+                 tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span, knockout)
 
 
 def _split(group, lis, positions, device):
@@ -591,11 +598,7 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     same_until = _same_until(pairs, targets, sources)
     windows = [window_layers(layer, window, engine.n_layers) for layer in layers]
     knockout = pairs.attrs.get("intervention") == "knockout"
-    available = set() if knockout else {int(layer) for layer in acts["layer"].values}
-    missing = [] if knockout else sorted({k for w in windows for k in w} - available)
-    if missing:
-        raise UserError(f"no source activations at layers {missing}, which the patch windows touch; extract "
-                        "them at every layer of window_layers(layer, window)")
+    available = set() if knockout else _extracted_layers(acts, windows)
     first = min(w[0] for w in windows)
     pending = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not progress)
@@ -635,6 +638,16 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
                          "positions": site.positions, "js_base": base, "window": window})
         out[site.name] = ds
     return out
+
+
+def _extracted_layers(acts, windows):
+    """The layers `acts` holds source activations at; a patchmap error if a window needs another."""
+    available = {int(layer) for layer in acts["layer"].values}
+    missing = sorted({k for w in windows for k in w} - available)
+    if missing:
+        raise UserError(f"no source activations at layers {missing}, which the patch windows touch; extract "
+                        "them at every layer of window_layers(layer, window)")
+    return available
 
 
 def _unpatched(clean, positions, answers, base, a, out):
