@@ -26,3 +26,14 @@ def tiny_model_dir(tmp_path_factory, world):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     return models.load(str(tiny_model_dir))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The largest difference per metric between two computations that should agree (tests/tolerances.py)."""
+    from tolerances import TOLERANCES, largest
+    if largest:
+        terminalreporter.section("largest differences between engines, per metric")
+        for metric, (difference, share) in sorted(largest.items()):
+            atol, rtol = TOLERANCES[metric]
+            terminalreporter.line(f"{metric:18s} {difference:.3g}  ({share:.0%} of its tolerance: "
+                                  f"{atol:g} absolute + {rtol:g} relative)")

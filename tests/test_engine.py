@@ -9,6 +9,7 @@ from patchmap.engine import capture, pad_batch, patched_logprobs, position_mask
 from patchmap.errors import UserError
 from patchmap.pairs import make_pairs, token_lists
 from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+from tolerances import LOGPROB_TOLERANCE, assert_datasets_close
 
 ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
 
@@ -59,7 +60,7 @@ def test_patching_every_position_at_the_last_layer_gives_the_source_distribution
     store, source_logprobs = capture(model, *src, ["resid"], [last])
     everywhere = position_mask([list(range(n)) for n in lengths.tolist()], ids.shape[1], "cpu")
     patched = patched_logprobs(model, "resid", last, ids, mask, pos, lengths, everywhere, store[("resid", last)])
-    torch.testing.assert_close(patched, source_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(patched, source_logprobs, **LOGPROB_TOLERANCE)
     # and through the stages: JS against the target equals JS between source and target
     site = Site("all", "All", "resid", "all")
     ds = run_sites(model, tokenizer, pairs, [site])["all"]
@@ -74,9 +75,7 @@ def test_batching_with_padding_equals_one_at_a_time(tiny_model, world):
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
     together = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=12)
     alone = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=1)
-    for name in together:
-        for metric in ("js", "kl_patched_target", "p_source_answer"):
-            np.testing.assert_allclose(together[name][metric].values, alone[name][metric].values, atol=2e-6)
+    assert_datasets_close(alone, together)
 
 
 def test_unknown_architecture_is_named(tmp_path):

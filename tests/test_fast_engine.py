@@ -14,12 +14,11 @@ from patchmap import models, patching, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.errors import UserError
 from patchmap.fast import FastEngine, is_out_of_memory
-from patchmap.metrics import METRICS
 from patchmap.pairs import make_pairs
 from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+from tolerances import assert_datasets_close
 
 ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
-TOLERANCE = 1e-5
 INIT = 0.3  # large random weights: sharp, very different next-token distributions, so differences show
 
 
@@ -121,10 +120,7 @@ def _assert_same(reference, fast):
         got = fast[name]
         assert got.attrs == ref.attrs and list(got.data_vars) == list(ref.data_vars)
         assert got["js"].dims == ref["js"].dims and (got["example"].values == ref["example"].values).all()
-        for metric in METRICS:
-            assert got[metric].dtype == ref[metric].dtype, (name, metric)
-            difference = np.abs(got[metric].values.astype(np.float64) - ref[metric].values.astype(np.float64))
-            assert difference.max() <= TOLERANCE, (name, metric, float(difference.max()))
+    assert_datasets_close(reference, fast)
 
 
 def test_fast_equals_reference_for_every_site(family_model, family_world):
@@ -244,9 +240,7 @@ def test_padded_batch_equals_one_at_a_time(family_world, load_family):
     acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 12, tokenizer.pad_token_id, False)
     together = patching.patch(model, pairs, acts, ALL_SITES, layers, 12, tokenizer.pad_token_id, progress=False)
     alone = patching.patch(model, pairs, acts, ALL_SITES, layers, 1, tokenizer.pad_token_id, progress=False)
-    for name in together:
-        for metric in METRICS:
-            np.testing.assert_allclose(together[name][metric].values, alone[name][metric].values, atol=TOLERANCE)
+    assert_datasets_close(alone, together)
 
 
 def test_small_chunks_and_a_layer_subset_give_the_same_numbers(family_world, load_family):
@@ -275,9 +269,7 @@ def test_out_of_memory_backs_off_without_changing_results(family_world, load_fam
     assert engine.stats["oom_retries"] > 0 and engine.max_tokens <= 40
     assert "out of memory" in caplog.text and "retrying in smaller chunks" in caplog.text
     # smaller batches change matrix shapes, and with them float32 rounding: the same tolerance as fast vs reference
-    for name in plain:
-        for metric in METRICS:
-            np.testing.assert_allclose(backed_off[name][metric].values, plain[name][metric].values, atol=TOLERANCE)
+    assert_datasets_close(plain, backed_off)
 
 
 def test_the_reference_engine_halves_a_batch_on_out_of_memory(family_world, load_family, caplog, monkeypatch):
@@ -301,9 +293,7 @@ def test_the_reference_engine_halves_a_batch_on_out_of_memory(family_world, load
                                 engine="reference")
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     assert "out of memory patching examples 0-7" in caplog.text and "retrying in halves" in caplog.text
-    for metric in METRICS:
-        np.testing.assert_allclose(halved[sites[0].name][metric].values, plain[sites[0].name][metric].values,
-                                   atol=TOLERANCE)
+    assert_datasets_close(plain, halved)
 
 
 def test_out_of_memory_errors_are_recognised():

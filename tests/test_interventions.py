@@ -11,6 +11,7 @@ from patchmap.engine import (hooks, knockout_hook, last_logprobs, pad_batch, pat
                              replace_hook)
 from patchmap.metrics import js_divergence
 from patchmap.pairs import make_pairs, token_lists
+from tolerances import LOGPROB_TOLERANCE
 from patchmap.sites import COMPONENTS, Site
 
 SITES = {f"{c}-{p}": {"component": c, "positions": p} for c in COMPONENTS for p in ("subject", "last", "relation")}
@@ -51,7 +52,9 @@ def test_mean_ablation_over_one_example_changes_nothing(tiny_model, world):
     ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=SITES, examples=1, known_only=False,
                        intervention="ablate", value="mean", progress=False)
     assert ds.sizes["example"] == 1
-    assert float(abs(ds["js"]).max()) == 0.0
+    # the patched run recomputes the suffix with other matrix shapes than the clean run: float32 rounding
+    # (~1e-6 in log-probabilities) leaves a JS of ~1e-11, which grows with the square of a real change
+    assert float(abs(ds["js"]).max()) < 1e-8
 
 
 def test_mean_ablation_uses_the_dataset_mean(tiny_model, world):
@@ -89,7 +92,7 @@ def test_knocking_out_every_earlier_edge_equals_the_last_token_alone(tmp_path, w
         knocked = last_logprobs(model, ids, mask, pos, lengths)
     for i, n in enumerate(lengths.tolist()):
         alone = model(input_ids=ids[i:i + 1, n - 1:n], position_ids=torch.tensor([[n - 1]])).logits[0, -1]
-        torch.testing.assert_close(knocked[i], torch.log_softmax(alone.float(), -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(knocked[i], torch.log_softmax(alone.float(), -1), **LOGPROB_TOLERANCE)
 
 
 def test_knockout_through_the_stages(tiny_model, world):

@@ -8,6 +8,7 @@ from patchmap import models, patching, synthetic
 from patchmap.engine import capture, hooks, last_logprobs, noise_hooks, pad_batch, patched_logprobs, position_mask
 from patchmap.metrics import js_divergence
 from patchmap.pairs import make_pairs, token_lists
+from tolerances import LOGPROB_TOLERANCE
 from patchmap.sites import Site
 
 
@@ -52,7 +53,7 @@ def test_restoring_every_position_recovers_the_clean_distribution(tiny_model, no
                                     clean_store[("resid", layer)])
     assert js_divergence(corrupted, clean).min() > 0  # the noise did something
     assert js_divergence(restored, clean).max().item() < 1e-6
-    torch.testing.assert_close(restored, clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(restored, clean, **LOGPROB_TOLERANCE)
 
 
 def test_noise_through_the_stages(tiny_model, noise_pairs):
