@@ -2,7 +2,6 @@
 give the same numbers as the plain model, with both engines; the config's device_map and max_memory are
 checked by the schema."""
 
-
 import numpy as np
 import pytest
 import torch
