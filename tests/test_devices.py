@@ -11,6 +11,7 @@ from patchmap import config as cfg
 from patchmap import models, patching, stages, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.errors import UserError
+from patchmap.fast import FastEngine
 from patchmap.pairs import make_pairs
 from patchmap.sites import Site
 
@@ -70,11 +71,11 @@ def _config(path, run=None, **model):
     return cfg.validate(config)
 
 
-def _js(model, tokenizer, pairs, engine):
+def _js(model, tokenizer, pairs, engine, **options):
     layers = list(range(models.n_layers(model)))
     acts = patching.extract_activations(model, pairs, SITES, layers, 4, tokenizer.pad_token_id, False)
     out = patching.patch(model, pairs, acts, SITES, layers, 4, tokenizer.pad_token_id, progress=False,
-                         engine=engine)
+                         engine=engine, **options)
     return {name: ds["js"].values for name, ds in out.items()}
 
 
@@ -104,10 +105,15 @@ def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, in
     pairs = make_pairs(plain, tokenizer, synthetic.facts(world), examples=8, seed=1, known_only=False,
                        intervention=intervention)
     expected = _js(plain, tokenizer, pairs, "reference")
-    for engine in ("reference", "fast"):
-        got = _js(spread, tokenizer, pairs, engine)
+    # the fast engine as on blocks spread over several GPUs (all logits of the clean run, not only those
+    # at the prompts' last positions), too
+    as_if_spread = FastEngine(spread)
+    as_if_spread.spread = True
+    for engine, options in (("reference", {}), ("fast", {}), ("fast", {"engine_object": as_if_spread})):
+        got = _js(spread, tokenizer, pairs, engine, **options)
         for name, js in expected.items():
-            assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, name)
+            assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, options, name)
+    assert as_if_spread.stats["clean_logit_rows"] == as_if_spread.stats["clean_tokens"] > 0
     assert max(js.max() for js in expected.values()) > 0.1  # the comparison is not between zeros
 
 
@@ -136,8 +142,10 @@ def test_cpu_and_auto_without_a_gpu_load_onto_the_cpu(loaded, tmp_path, world):
         assert models.input_device(model) == models.output_device(model) == torch.device("cpu")
 
 
-def test_placement_from_the_config():
+def test_placement_from_the_config(caplog):
     assert models.placement("cpu") == ({"": torch.device("cpu")}, None)
+    assert models.placement("cpu", "balanced", {"cpu": "1GB"}) == ({"": torch.device("cpu")}, None)
+    assert "apply with device: auto only" in caplog.text
     device_map, max_memory = models.placement("auto", "balanced", {"0": "70GiB", "cuda:1": 1000, "cpu": "2GB"})
     assert (device_map, max_memory) == ("balanced", {0: "70GiB", 1: 1000, "cpu": "2GB"})
     assert models.placement("auto", {"model.layers.0": "cpu", "lm_head": "disk"})[0] == \
