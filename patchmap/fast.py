@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from accelerate.utils import send_to_device
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import models
