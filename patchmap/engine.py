@@ -10,7 +10,7 @@ import torch
 
 from .errors import UserError
 from .metrics import patch_metrics
-from .models import attention_module, blocks, component_module
+from .models import attention_module, blocks, component_module, input_device
 
 
 def pad_batch(sequences, pad_id, device):
@@ -61,7 +61,7 @@ def replace_hook(mask, values):
     def hook(module, args, output):
         hidden = _output_tensor(output)
         shaped = hidden.view(*mask.shape, hidden.shape[-1])
-        patched = torch.where(mask[..., None], values.to(hidden.dtype), shaped)
+        patched = torch.where(mask.to(hidden.device)[..., None], values.to(hidden.device, hidden.dtype), shaped)
         return _with_tensor(output, patched.view(hidden.shape))
     return hook
 
@@ -70,7 +70,7 @@ def add_hook(delta):
     """Add `delta` [B, T, H] to a module's output (the noise intervention, on the input embeddings)."""
     def hook(module, args, output):
         hidden = _output_tensor(output)
-        return _with_tensor(output, hidden + delta.to(hidden.dtype))
+        return _with_tensor(output, hidden + delta.to(hidden.device, hidden.dtype))
     return hook
 
 
@@ -90,7 +90,7 @@ def knockout_hook(blocked, query):
         low = torch.finfo(hidden.dtype).min
         mask = kwargs["attention_mask"]
         if mask is None:
-            causal = torch.ones(width, width, dtype=torch.bool, device=blocked.device).tril()
+            causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
             mask = causal[None, None].expand(batch, 1, width, width)
         if not torch.is_tensor(mask):
             raise UserError(f"attention knockout cannot edit a {type(mask).__name__} attention mask; "
@@ -99,7 +99,8 @@ def knockout_hook(blocked, query):
             mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, low)
         mask = mask.expand(batch, mask.shape[1], width, mask.shape[-1]).clone()
         edges = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-        edges[torch.arange(batch, device=mask.device), :, query, :width] = blocked[:, None, :]
+        edges[torch.arange(batch, device=mask.device), :, query.to(mask.device), :width] = \
+            blocked.to(mask.device)[:, None, :]
         kwargs["attention_mask"] = mask.masked_fill(edges, low)
         return args, kwargs
     return hook
@@ -115,7 +116,7 @@ def capture_hook(store, key):
 def last_logprobs(model, ids, mask, positions, lengths, where=""):
     """float32 log-softmax of the next-token logits at each prompt's last position."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    last = logits[torch.arange(len(lengths), device=logits.device), lengths - 1].float()
+    last = logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1].float()
     if not torch.isfinite(last).all():
         raise UserError(f"non-finite logits (NaN or inf){where}; try dtype float32 or bfloat16")
     return torch.log_softmax(last, dim=-1)
@@ -163,7 +164,7 @@ def patch_batch(model, site, layers, target_ids, position_lists, source_values, 
     [B, T, H], if given, is added to the target's input embeddings in every target run, patched or not.
     Returns {metric: [B, len(layers)]} on the CPU.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask, pos, lengths = pad_batch(target_ids, pad_id, device)
     patch_mask = position_mask(position_lists, ids.shape[1], device)
     n_layers = len(blocks(model))
@@ -172,13 +173,13 @@ def patch_batch(model, site, layers, target_ids, position_lists, source_values, 
         if knockout:
             return [(attention_module(model, l), knockout_hook(patch_mask, lengths - 1), "pre")
                     for l in window_layers(layer, window, n_layers)]
-        return [(component_module(model, site.component, l), replace_hook(patch_mask, source_values[l].to(device)))
+        return [(component_module(model, site.component, l), replace_hook(patch_mask, source_values[l]))
                 for l in window_layers(layer, window, n_layers)]
 
     with hooks(noise_hooks(model, target_noise)):
         target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
-        target_answer = torch.as_tensor(target_answer, device=device)
-        source_answer = torch.as_tensor(source_answer, device=device)
+        target_answer = torch.as_tensor(target_answer, device=target.device)
+        source_answer = torch.as_tensor(source_answer, device=target.device)
         per_layer = []
         for layer in layers:
             with hooks(run_hooks(layer)):

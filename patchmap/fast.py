@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -124,7 +125,14 @@ class FastEngine:
         self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(len(self.blocks))]
         self.finals = models.final_modules(model)
         self.n_layers = len(self.blocks)
-        self.device = next(model.parameters()).device
+        # Blocks may compute on different devices (accelerate's device_map): each block's recorded inputs,
+        # arguments and keys/values live on its device; ids and the runs' bookkeeping on the input
+        # embedding's, logits and metrics on the output embedding's.
+        self.device = models.input_device(model)
+        self.block_devices = [models.module_device(b) for b in self.blocks]
+        self.final_devices = [models.module_device(m) for m in self.finals]
+        self.output_device = models.output_device(model)
+        self.spread = len({self.device, self.output_device, *self.block_devices, *self.final_devices}) > 1
         self.dtype = next(model.parameters()).dtype
         self.max_tokens = max_tokens or self._default_tokens()
         self.fail_above = fail_above
@@ -135,9 +143,10 @@ class FastEngine:
         self._warned = set()
 
     def _default_tokens(self):
-        if self.device.type != "cuda":
+        gpus = {d for d in self.block_devices if d.type == "cuda"}
+        if not gpus:
             return DEFAULT_CPU_TOKENS
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free = min(torch.cuda.mem_get_info(d)[0] for d in gpus)
         hidden = self.config.hidden_size
         inner = getattr(self.config, "intermediate_size", None) or getattr(self.config, "ffn_dim", None) \
             or 4 * hidden
@@ -164,8 +173,9 @@ class FastEngine:
                 call = dict(zip(self._names[layer], args))
                 call.update(kwargs)
                 name = self._names[layer][0]
-                inputs[layer] = call.pop(name)
-                arguments[layer] = (name, call)
+                device = self.block_devices[layer]
+                inputs[layer] = call.pop(name).to(device)
+                arguments[layer] = (name, send_to_device(call, device, skip_keys=list(CACHE_ARGUMENTS)))
             return hook
 
         def post_hook(module, args, output):
@@ -177,7 +187,9 @@ class FastEngine:
             handles.append(self.model.get_input_embeddings().register_forward_hook(add_hook(noise.to(self.device))))
         cache = _RecordingCache(self.config)
         keep = {}
-        if self._keeps_logits:  # logits only at the positions some prompt ends at
+        # logits only at the positions some prompt ends at; not on a spread model, where accelerate moves
+        # a tensor logits_to_keep to the first device, and the last hidden states may be on another
+        if self._keeps_logits and not self.spread:
             keep["logits_to_keep"] = torch.unique(lengths - 1)
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
@@ -189,11 +201,12 @@ class FastEngine:
         self.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
         rows = torch.arange(len(lengths), device=self.device)
         columns = torch.searchsorted(keep["logits_to_keep"], lengths - 1) if keep else lengths - 1
-        last_logits = logits[rows, columns].float()
+        last_logits = logits[rows.to(logits.device), columns.to(logits.device)].float().to(self.output_device)
         if not torch.isfinite(last_logits).all():
             raise UserError("non-finite logits (NaN or inf) in the unpatched target run; "
                             "try dtype float32 or bfloat16")
-        mine = self.head(last["output"][rows, lengths - 1])
+        output = last["output"]
+        mine = self.head(output[rows.to(output.device), (lengths - 1).to(output.device)])
         tolerance = (1e-4 if self.dtype == torch.float32 else 5e-2) * (1 + float(last_logits.abs().max()))
         difference = float((mine - last_logits).abs().max())
         if difference > tolerance:
@@ -205,9 +218,9 @@ class FastEngine:
 
     def head(self, hidden):
         """float32 logits from last-position hidden states [R, H] (the last block's output)."""
-        for module in self.finals:
-            hidden = module(hidden)
-        logits = self.model.get_output_embeddings()(hidden)
+        for module, device in zip(self.finals, self.final_devices):
+            hidden = module(hidden.to(device))
+        logits = self.model.get_output_embeddings()(hidden.to(self.output_device))
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -224,7 +237,7 @@ class FastEngine:
         queries, keys, valid = index.positions, index.keys, index.valid
         if clean_mask is None:  # the model judged plain causal attention enough
             allowed = (keys[:, None, :] <= queries[:, :, None]) & valid[:, None, :]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
             return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
         by_row = clean_mask.permute(0, 2, 3, 1)  # [B or 1, T, T, heads or 1]
         rows = index.rows_in(clean_mask)
@@ -268,8 +281,10 @@ class FastEngine:
         output; `mlp` = "last" computes the MLP only at the last suffix position (all other positions of
         the last block feed nothing), "none" not at all; with `record`, also return the keys and values
         the block computed; `blocked` [R, P + W] marks keys each row's last query may not attend to."""
+        device = self.block_devices[layer]
+        index = index.to(device)
         kwargs = self._block_arguments(clean, layer, index, kv, blocked)
-        kwargs[clean.hidden_name[layer]] = hidden
+        kwargs[clean.hidden_name[layer]] = hidden = hidden.to(device)
         rows, width = hidden.shape[:2]
         if not record:
             self._inject(rows * width)
@@ -280,8 +295,8 @@ class FastEngine:
         if mlp == "all":
             self.stats["mlp_tokens"] += rows * width
         else:
-            keep = torch.arange(width - 1, rows * width, width, device=self.device) if mlp == "last" \
-                else torch.zeros(0, dtype=torch.long, device=self.device)
+            keep = torch.arange(width - 1, rows * width, width, device=device) if mlp == "last" \
+                else torch.zeros(0, dtype=torch.long, device=device)
             self.stats["mlp_tokens"] += len(keep)
             registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
         if patch is not None:
@@ -290,7 +305,7 @@ class FastEngine:
             def hook(mod, args, output):
                 h = _output_tensor(output)
                 shaped = h.reshape(rows, width, h.shape[-1])
-                shaped = shaped.index_put((prow, ppos), pval.to(h.dtype))
+                shaped = _put(shaped, (prow, ppos), pval)
                 return _with_tensor(output, shaped.reshape(h.shape))
             registered.append((module, hook))
         with hooks(registered):
@@ -319,7 +334,8 @@ class FastEngine:
                 _, (keys, vals) = self._call_block(clean, block, hidden, index, clean.kv[block], mlp="none",
                                                    record=True)
                 for kv, new in zip(out[block], (keys, vals)):
-                    kv.transpose(1, 2).index_put_((ex[:, None], index.positions), new.transpose(1, 2).to(kv.dtype))
+                    where = (ex[:, None].to(kv.device), index.positions.to(kv.device))
+                    kv.transpose(1, 2).index_put_(where, new.transpose(1, 2).to(kv.device, kv.dtype))
         return out
 
     @torch.no_grad()
@@ -359,10 +375,10 @@ class FastEngine:
                 if into_output:
                     first = windows[li][0]
                     joining = group.index.gather(clean.block_output(first))
-                    joining = joining.index_put((r_idx, p_idx), source(rows, slots, first).to(joining.dtype))
+                    joining = _put(joining, (r_idx, p_idx), source(rows, slots, first))
                 else:
                     joining = group.index.gather(clean.inputs[block])
-                hidden = joining if hidden is None else torch.cat([hidden, joining])
+                hidden = joining if hidden is None else torch.cat([hidden.to(joining.device), joining])
                 order.append(li)
             if block == self.n_layers:
                 break
@@ -379,7 +395,7 @@ class FastEngine:
             hidden = self._call_block(clean, block, hidden, index, kv(block), patch,
                                       mlp="last" if block == self.n_layers - 1 else "all", blocked=blocked)
             if into_output and (write := written(runs, block)) is not None:  # patched again after this block
-                hidden = hidden.index_put(write[:2], write[2].to(hidden.dtype))
+                hidden = _put(hidden, write[:2], write[2])
         self.stats["patched_runs"] += hidden.shape[0]
         self.stats["span_runs"] += hidden.shape[0] if group.span else 0
         return hidden[:, width - 1], order
@@ -402,7 +418,7 @@ class FastEngine:
             if not is_out_of_memory(error):
                 raise
             message = str(error).splitlines()[0][:200]
-        if self.device.type == "cuda":
+        if any(d.type == "cuda" for d in self.block_devices):
             torch.cuda.empty_cache()
         self.max_tokens = max(1, min(self.max_tokens, size) // 2)
         self.stats["oom_retries"] += 1
@@ -411,11 +427,16 @@ class FastEngine:
         return None
 
 
+def _put(tensor, indices, values):
+    """tensor.index_put(indices, values), the indices and values moved to the tensor's device and dtype."""
+    return tensor.index_put(tuple(i.to(tensor.device) for i in indices), values.to(tensor.device, tensor.dtype))
+
+
 def _block_last_query(mask, blocked):
     """`mask` [R, heads or 1, W, K] (boolean: allowed; else additive) with the keys `blocked` [R, K]
     taken from each row's last query."""
     edges = torch.zeros((mask.shape[0], 1, mask.shape[2], mask.shape[3]), dtype=torch.bool, device=mask.device)
-    edges[:, 0, -1] = blocked
+    edges[:, 0, -1] = blocked.to(mask.device)
     if mask.dtype == torch.bool:
         return mask & ~edges
     return mask.masked_fill(edges, torch.finfo(mask.dtype).min)
@@ -430,14 +451,14 @@ def _skip_mlp_rows(modules, keep):
     def pre_hook(module, args, kwargs):
         x = args[0] if args else kwargs.pop(next(iter(kwargs)))
         shape["full"] = x.shape
-        flat = x.reshape(-1, x.shape[-1])[keep]
+        flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)]
         x = flat.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else flat
         return ((x, *args[1:]) if args else (x,)), kwargs
 
     def post_hook(module, args, output):
         h = _output_tensor(output)
         full = h.new_zeros(*shape["full"][:-1], h.shape[-1])
-        full.reshape(-1, h.shape[-1])[keep] = h.reshape(-1, h.shape[-1])
+        full.reshape(-1, h.shape[-1])[keep.to(full.device)] = h.reshape(-1, h.shape[-1])
         return _with_tensor(output, full)
     return [(entry, pre_hook, "pre"), (exit_, post_hook)]
 
@@ -451,6 +472,12 @@ class RowIndex:
     def __init__(self, examples, starts, width, prefix):
         self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
         self.positions = starts[:, None] + torch.arange(width, device=starts.device)    # [R, W]
+
+    def to(self, device):
+        """This index with its tensors on `device` (the device of a block it is used in)."""
+        if self.examples.device == device:
+            return self
+        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix)
 
     def first(self, rows):
         """The index of the first `rows` rows (runs join the batch at the end)."""
@@ -474,7 +501,7 @@ class RowIndex:
 
     def gather(self, tensor):
         """tensor [B or 1, T, ...] at each row's example and positions: [R, W, ...]."""
-        return tensor[self.rows_in(tensor)[:, None], self.positions]
+        return tensor[self.rows_in(tensor).to(tensor.device)[:, None], self.positions.to(tensor.device)]
 
 
 @dataclass
@@ -593,7 +620,8 @@ def patch_sites(model, pairs, acts, sites, layers, batch_size, pad_id, base=2.0,
     positions = {s.name: site_positions(pairs, s) for s in sites}
     results = {s.name: {k: np.zeros((n, len(layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
                for s in sites}
-    answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.device) for r in ("target", "source")]
+    answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.output_device)
+               for r in ("target", "source")]
     lengths = [len(t) for t in targets]
     same_until = _same_until(pairs, targets, sources)
     windows = [window_layers(layer, window, engine.n_layers) for layer in layers]
@@ -739,8 +767,9 @@ def _score(engine, clean, finals, sites, layers, answers, base, a, results):
         for r in range(0, len(patched), ROWS):  # in place, in cache-sized pieces
             patched[r:r + ROWS] = torch.log_softmax(patched[r:r + ROWS], dim=-1)
         r = rows[part]
+        here = r.to(patched.device)
         metrics = {k: v.cpu().numpy() for k, v in
-                   patch_metrics(patched, clean.target[r], answers[0][r], answers[1][r], base).items()}
+                   patch_metrics(patched, clean.target[here], answers[0][here], answers[1][here], base).items()}
         sites_here = site_of[part].numpy()
         ex_index, li_index = a + r.cpu().numpy(), layer_ids[part].cpu().numpy()
         for number in np.unique(sites_here):

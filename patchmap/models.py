@@ -1,6 +1,7 @@
 """Load Hugging Face causal LMs and find their decoder blocks, attention and MLP modules."""
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,84 @@ def resolve_device(device):
     return device
 
 
+PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strings
+
+
+def placement(device, device_map=None, max_memory=None):
+    """(device_map, max_memory) for from_pretrained, so that weights load straight onto their devices.
+
+    `cpu`, `cuda` and `cuda:N` put the whole model there. `auto` spreads it over the GPUs the job sees
+    (accelerate's device_map "auto"), or the model's own `device_map` (a strategy or {module: device})
+    and `max_memory` ({device: size}) when the config gives them; with no GPU and neither given, it is
+    the CPU."""
+    if device != "auto":
+        if device_map is not None or max_memory is not None:
+            log.warning("the model's device_map / max_memory apply with device: auto only; this run puts the "
+                        "whole model on %s", device)
+        return {"": torch.device(resolve_device(device))}, None
+    if device_map is None:
+        if not torch.cuda.is_available() and max_memory is None:
+            return {"": "cpu"}, None
+        device_map = "auto"
+    if isinstance(device_map, dict):
+        device_map = {module: _device_name(value) for module, value in device_map.items()}
+    elif device_map not in PLACEMENT_STRATEGIES:
+        raise UserError(f"device_map '{device_map}' is not a module -> device mapping or one of "
+                        + ", ".join(PLACEMENT_STRATEGIES))
+    return device_map, _max_memory(max_memory)
+
+
+def _offload_folder(device_map):
+    """A temporary folder for the weights accelerate offloads to disk, where the placement may do that."""
+    never = isinstance(device_map, dict) and "disk" not in device_map.values()
+    return None if never else tempfile.TemporaryDirectory(prefix="patchmap-offload-")
+
+
+def _device_name(value):
+    """A device_map value as accelerate takes it: a GPU index (int), 'cpu' or 'disk'."""
+    if isinstance(value, int) or value in ("cpu", "disk"):
+        gpu = value
+    else:
+        gpu = int(value.partition(":")[2] or 0)  # cuda, cuda:N
+    if isinstance(gpu, int) and gpu >= torch.cuda.device_count():
+        raise UserError(f"the model's device_map places modules on GPU {gpu}, but this job sees "
+                        f"{torch.cuda.device_count()} CUDA GPU(s); use device: cpu or another device_map")
+    return gpu
+
+
+def _max_memory(max_memory):
+    """{device: size} with GPU keys ('0', 'cuda:0') as the integers accelerate expects."""
+    if max_memory is None:
+        return None
+    return {key if key in ("cpu", "disk") else int(str(key).partition(":")[2] or key): size
+            for key, size in max_memory.items()}
+
+
+def module_device(module):
+    """The device `module` computes on: where accelerate's hooks run it (its weights may then be elsewhere,
+    or on `meta` while offloaded), else where its weights are."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def input_device(model):
+    """Where a model's input ids go: its input embedding's device."""
+    return module_device(model.get_input_embeddings())
+
+
+def output_device(model):
+    """Where a model's logits come out: its output embedding's device."""
+    return module_device(model.get_output_embeddings())
+
+
 def _looks_local(name):
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.startswith("results/")
 
@@ -123,25 +202,32 @@ def check_fast_tokenizer(tokenizer, source):
                         "patchmap needs a fast tokenizer (tokenizer.json)")
 
 
-def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False):
+def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False,
+         device_map=None, max_memory=None):
     """Model and tokenizer from a hub id or a local directory, through `from_pretrained`.
 
-    Weights load from safetensors; pickled weights (.bin) only when `allow_pickle` says so."""
-    device = resolve_device(device)
+    Weights load from safetensors; pickled weights (.bin) only when `allow_pickle` says so. They load
+    straight onto the devices that placement(device, device_map, max_memory) gives (accelerate's device_map;
+    modules it offloads to disk go to a temporary folder that lives as long as the model)."""
+    device_map, max_memory = placement(device, device_map, max_memory)
     if _looks_local(source) and not Path(source).expanduser().is_dir():
         raise UserError(f"model path '{source}' does not exist (or is not a directory)")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(source, **kwargs)
     check_supported(config.model_type)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+        offload = _offload_folder(device_map)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], device_map=device_map,
+                                                     max_memory=max_memory,
+                                                     offload_folder=offload.name if offload else None,
                                                      use_safetensors=None if allow_pickle else True, **kwargs)
     except OSError as e:
         if not allow_pickle and "safetensors" in str(e).lower():
             raise UserError(f"model '{source}' has no safetensors weights; set allow_pickle: true for it in "
                             "the config to load pickled (.bin) weights from a source you trust") from None
         raise
-    model.to(device).eval()
+    model.patchmap_offload_folder = offload  # deleted with the model
+    model.eval()
     tokenizer = _load_tokenizer(source, kwargs)
     check_fast_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:

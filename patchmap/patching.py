@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .engine import capture, is_out_of_memory, pad_batch, patch_batch
 from .errors import UserError
 from .metrics import METRICS
+from .models import input_device
 from .pairs import token_lists
 from .sites import positions
 
@@ -30,7 +31,7 @@ def _batches(n, batch_size):
 def extract_activations(model, pairs, sites, layers, batch_size, pad_id, progress=True):
     """Source activations at each site's positions, every layer: one [example, layer, slot, hidden]
     array per site (slot = index within the position group; NaN past a group's end)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     sources = token_lists(pairs, "source_ids")
     components = sorted({s.component for s in sites})
     pos = {s.name: site_positions(pairs, s) for s in sites}
@@ -130,7 +131,7 @@ def patch_site(model, pairs, acts, site, layers, batch_size, pad_id, base=2.0, p
         noise = target_noise(pairs, a, b, width, hidden)
         return patch_batch(model, site, layers, targets[a:b], pos[a:b], values,
                            pairs["target_answer"].values[a:b], pairs["source_answer"].values[a:b],
-                           pad_id, base, None if noise is None else noise.to(next(model.parameters()).device),
+                           pad_id, base, None if noise is None else noise.to(input_device(model)),
                            window=window, knockout=knockout)
 
     for a, b in tqdm(_batches(n, batch_size), desc=f"patch {site.label}", unit="batch", disable=not progress):

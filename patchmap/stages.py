@@ -85,7 +85,8 @@ def load_run_model(config, run_name):
     return models.load(cfg.model_dir(config, run["model"]), revision=model_cfg.get("revision"),
                        dtype=run["dtype"], device=run["device"],
                        trust_remote_code=model_cfg.get("trust_remote_code", False),
-                       allow_pickle=model_cfg.get("allow_pickle", False))
+                       allow_pickle=model_cfg.get("allow_pickle", False),
+                       device_map=model_cfg.get("device_map"), max_memory=model_cfg.get("max_memory"))
 
 
 def make_pairs_file(config, run_name, facts_path, out):
