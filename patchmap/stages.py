@@ -40,7 +40,7 @@ def reported_errors(log_path=None):
 
 def download_dataset(config, dataset_name, out):
     dataset = config["datasets"][dataset_name]
-    digest = data.download(dataset["url"], out, dataset.get("sha256"))
+    digest = data.download(dataset["url"], out, dataset.get("sha256"), f"dataset '{dataset_name}' ({dataset['url']})")
     log.info("downloaded %s to %s (sha256 %s)", dataset["url"], out, digest)
 
 
@@ -60,7 +60,7 @@ def make_facts(config, run_name, out):
         rows = synthetic.facts(synthetic.make_world(**dataset["synthetic"]))
     else:
         path = cfg.dataset_file(config, name)
-        data.check_sha256(path, dataset.get("sha256"))
+        data.check_sha256(path, dataset.get("sha256"), f"dataset '{name}' ({dataset.get('url') or path})")
         rows = data.read_facts(path)
     if not rows:
         raise UserError(f"dataset '{config['runs'][run_name]['dataset']}' has no facts")
