@@ -23,8 +23,12 @@ log = logging.getLogger("patchmap")
 
 @contextmanager
 def reported_errors(log_path=None):
-    """Set up logging to the rule's log file; turn a UserError into one line and exit status 1."""
-    handlers = [logging.StreamHandler(sys.stderr)]
+    """Set up logging to the rule's log file; turn a UserError into one line and exit status 1. Any other
+    exception is a bug: its traceback goes into the log file too (where cluster users look), and Python
+    prints it once on the terminal as it ends the job."""
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.addFilter(lambda record: not getattr(record, "log_file_only", False))
+    handlers = [terminal]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
@@ -36,6 +40,10 @@ def reported_errors(log_path=None):
     except UserError as e:
         log.error("patchmap: %s", e)
         sys.exit(1)
+    except Exception:
+        log.exception("the job failed with an unexpected error (a bug: please report it with this log)",
+                      extra={"log_file_only": True})
+        raise
 
 
 def download_dataset(config, dataset_name, out):
