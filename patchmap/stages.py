@@ -24,8 +24,9 @@ log = logging.getLogger("patchmap")
 @contextmanager
 def reported_errors(log_path=None):
     """Set up logging to the rule's log file; turn a UserError into one line and exit status 1. Any other
-    exception is a bug: its traceback goes into the log file too (where cluster users look), and Python
-    prints it once on the terminal as it ends the job."""
+    exception is a bug: its traceback goes into the log file (where cluster users look, and which
+    Snakemake shows after a failed job), and the terminal gets one line pointing there; without a log
+    file the exception propagates as usual."""
     terminal = logging.StreamHandler(sys.stderr)
     terminal.addFilter(lambda record: not getattr(record, "log_file_only", False))
     handlers = [terminal]
@@ -40,10 +41,14 @@ def reported_errors(log_path=None):
     except UserError as e:
         log.error("patchmap: %s", e)
         sys.exit(1)
-    except Exception:
+    except Exception as e:
+        if not log_path:
+            raise
         log.exception("the job failed with an unexpected error (a bug: please report it with this log)",
                       extra={"log_file_only": True})
-        raise
+        print(f"the job failed with an unexpected error, {type(e).__name__}: {e}; the traceback is in {log_path}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def download_dataset(config, dataset_name, out):
