@@ -181,7 +181,7 @@ def check_dataset_files(config):
             continue
         if Path(path).is_dir():
             raise UserError(f"dataset path '{path}' is a folder (datasets.{name}.path); give the dataset file")
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise UserError(f"dataset file '{path}' does not exist (datasets.{name}.path)")
 
 

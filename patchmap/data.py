@@ -77,7 +77,7 @@ def read_text(path):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"dataset path '{path}' is a folder; give the dataset file (JSON or JSON Lines)")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"dataset file '{path}' does not exist")
     raw = path.read_bytes()
     try:

@@ -2,6 +2,7 @@
 several inputs of its kind: the Python API's arguments, model folders and hub ids, dataset files, config
 corners, and faults (a killed snakemake, a full disk, an unexpected exception in a job)."""
 
+import contextlib
 import copy
 import errno
 import json
@@ -484,7 +485,6 @@ def test_after_kill_9_the_rerun_says_unlock_and_then_runs(tmp_path):
     """Snakemake's lock outlives a kill -9 (it holds no process id to check): the rerun is refused with
     the advice to unlock, as README's Resuming section says; after --unlock the workflow runs on."""
     config = copy.deepcopy(PATH_RUN)
-    (tmp_path / "facts.fifo").parent.mkdir(exist_ok=True)
     os.mkfifo(tmp_path / "facts.fifo")  # the facts job blocks reading it: snakemake is caught mid-run
     config["datasets"]["d"]["path"] = "facts.fifo"
     write_config(tmp_path, config)
@@ -497,7 +497,8 @@ def test_after_kill_9_the_rerun_says_unlock_and_then_runs(tmp_path):
             time.sleep(0.1)
         assert list((tmp_path / ".snakemake" / "locks").iterdir())
     finally:
-        os.killpg(run.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # snakemake and its job
         run.wait()
     (tmp_path / "facts.fifo").unlink()
     (tmp_path / "facts.fifo").write_text(json.dumps(GOOD_FACT) + "\n")
