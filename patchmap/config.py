@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 import re
 from pathlib import Path
 
@@ -43,17 +44,19 @@ def _describe(error):
         options = " or ".join("'" + "/".join(c["required"]) + "'" for c in error.validator_value)
         return path, f"give exactly one of {options}"
     if error.validator == "oneOf" and error.context:
-        repeated = [e for e in error.context if e.validator == "uniqueItems"]
-        if repeated:
-            return _describe(repeated[0])
         deepest = max(error.context, key=lambda e: len(list(e.absolute_path)))
         if len(list(deepest.absolute_path)) > len(list(error.absolute_path)):
             return _describe(deepest)
+        # the option whose type fits but whose constraint failed (e.g. a list of layers with one twice)
+        fitting = [e for e in error.context if e.validator not in ("const", "type", "enum")]
+        if fitting:
+            return _describe(fitting[0])
         allowed = "; or ".join(c.get("description") or _short(c) for c in error.schema["oneOf"])
         return path, f"{error.instance!r} is not allowed; use {allowed}"
     if error.validator == "uniqueItems":
         twice = next(x for i, x in enumerate(error.instance) if x in error.instance[:i])
-        return path, f"{twice!r} is listed twice"
+        what = {"layers": "layer ", "sites": "site "}.get(str(path[-1]) if path else "", "")
+        return path, f"{what}{twice!r} is listed twice"
     message = error.message
     if error.validator == "pattern":
         message += f" ({error.schema.get('description', 'wrong format')})"
@@ -176,7 +179,7 @@ def load(path):
 def check_dataset_files(config):
     """Every `path:` dataset that a run uses is a file (checked when the workflow starts, before Snakemake looks for inputs)."""
     for name in dict.fromkeys(run["dataset"] for run in config["runs"].values()):
-        path = config["datasets"][name].get("path")
+        path = dataset_file(config, name) if "path" in config["datasets"][name] else None
         if path is None:
             continue
         if Path(path).is_dir():
@@ -203,7 +206,7 @@ def dataset_file(config, dataset_name):
     if "url" in dataset:
         suffix = ".jsonl" if dataset["url"].endswith(".jsonl") else ".json"
         return f"results/datasets/{dataset_name}{suffix}"
-    return dataset.get("path")
+    return os.path.expanduser(dataset["path"]) if "path" in dataset else None
 
 
 def model_dir(config, model_name):

@@ -46,8 +46,9 @@ def reported_errors(log_path=None):
             raise
         log.exception("the job failed with an unexpected error (a bug: please report it with this log)",
                       extra={"log_file_only": True})
-        print(f"the job failed with an unexpected error, {type(e).__name__}: {e}; the traceback is in {log_path}",
-              file=sys.stderr)
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(f"the job failed with an unexpected error, {type(e).__name__}: {first_line}; the traceback is in "
+              f"{log_path}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -89,8 +89,10 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"intervention": "swop"}, "argument intervention: 'swop' is not one of"),
     ({"engine": "turbo"}, "argument engine: 'turbo' is not one of ['fast', 'reference']"),
     ({"known_only": "yes"}, "argument known_only: 'yes' is not of type 'boolean'"),
-    ({"layers": [0, 0]}, "argument layers: 0 is listed twice"),
+    ({"layers": [0, 0]}, "argument layers: layer 0 is listed twice"),
     ({"layers": "some"}, "argument layers: 'some' is not allowed"),
+    ({"layers": []}, "argument layers: [] should be non-empty"),
+    ({"layers": [-1]}, "argument layers.0: -1 is less than the minimum of 0"),
     ({"layers": [7]}, "argument layers: layer 7 is out of range; the model has layers 0 to 2"),
     ({"sites": {}}, "argument sites: {} should be non-empty"),
     ({"sites": {"x": {"component": "residual", "positions": "last"}}},
@@ -347,8 +349,8 @@ def _rename_run(name):
 
 @pytest.mark.parametrize("change, expected", [
     (_run_change(seed=-1), "config error at runs.r.seed: -1 is less than the minimum of 0"),
-    (_run_change(layers=[0, 0]), "config error at runs.r.layers: 0 is listed twice"),
-    (_run_change(layers=[1, 2, 1]), "config error at runs.r.layers: 1 is listed twice"),
+    (_run_change(layers=[0, 0]), "config error at runs.r.layers: layer 0 is listed twice"),
+    (_run_change(layers=[1, 2, 1]), "config error at runs.r.layers: layer 1 is listed twice"),
     (_run_change(sites=["last", "last"]), "config error at runs.r.sites: site 'last' is listed twice"),
     (lambda c: c["datasets"]["d"].update(path=None) or c["datasets"].update(d={"synthetic": {"seed": -3}}),
      "config error at datasets.d.synthetic.seed: -3 is less than the minimum of 0"),
