@@ -120,6 +120,8 @@ def _looks_local(name):
     return name.startswith((".", "/", "~")) or Path(name).exists() or Path(Path(name).parts[0]).is_dir()
 
 
+LOADED_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json")  # what from_pretrained reads
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 
@@ -148,7 +150,7 @@ def check_model_folder(folder, allow_pickle=False):
                         "(config.json, model.safetensors and the tokenizer files)")
     if "config.json" not in names:
         raise UserError(f"model folder '{folder}' has no config.json; it should hold what save_pretrained writes")
-    for name in sorted(n for n in names if n.endswith(".json")):
+    for name in sorted(n for n in names if n in LOADED_JSON or n.endswith(".index.json")):
         _read_json(folder / name, folder)
     model_type = _read_json(folder / "config.json", folder).get("model_type")
     if not model_type:
@@ -251,7 +253,7 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as e:  # a hub id that is not there, or not allowed, or a revision that is not there
+    except (OSError, ValueError) as e:  # a hub id or revision that is not there, gated, or needs its own code
         raise UserError(f"model '{source}' cannot be loaded: {_first_line(e)}") from None
     check_supported(config.model_type)
     try:
