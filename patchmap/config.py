@@ -81,6 +81,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise UserError(f"{self.name}: line {key_node.start_mark.line + 1}: key '{key}' is defined twice "

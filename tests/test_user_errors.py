@@ -335,6 +335,12 @@ def test_yaml_keys_given_twice_are_refused(tmp_path, text, expected):
     assert one_line(error).startswith(str(path)) and expected in one_line(error)
 
 
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nruns:\n  a:\n    <<: *b\n    y: 3\n  c: *b\n")
+    assert cfg.load_yaml(path) == {"base": {"x": 1, "y": 2}, "runs": {"a": {"x": 1, "y": 3}, "c": {"x": 1, "y": 2}}}
+
+
 def _run_change(**changes):
     def change(config):
         config["runs"]["r"].update(changes)
