@@ -257,13 +257,19 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
         raise UserError(f"model '{source}' cannot be loaded: {_first_line(e)}") from None
     check_supported(config.model_type)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
-                                                     use_safetensors=None if allow_pickle else True, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True,
+                                                              use_safetensors=None if allow_pickle else True, **kwargs)
     except OSError as e:
         if not allow_pickle and "safetensors" in str(e).lower():
             raise UserError(f"model '{source}' has no safetensors weights; set allow_pickle: true for it in "
                             "the config to load pickled (.bin) weights from a source you trust") from None
         raise
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise UserError(f"model '{source}': the weights' shapes do not fit its config.json (a config edited, or "
+                        "copied from another model); put back the checkpoint's own config.json") from None
+    check_all_weights_loaded(source, loading)
     model.to(device).eval()
     try:
         tokenizer = _load_tokenizer(source, kwargs)
@@ -274,6 +280,14 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+def check_all_weights_loaded(source, loading):
+    """from_pretrained fills weights missing from the files with random values and only logs it."""
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"model '{source}': weights are missing from its weight files ({len(missing)}, first: "
+                        f"{missing[0]}); the files are incomplete or belong to another model")
 
 
 def _first_line(error):

@@ -152,8 +152,22 @@ def _index_without_shard(folder):
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
 
 
+def _widen_config(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+
+
+def _drop_a_tensor(folder):
+    from safetensors.torch import load_file, save_file
+    weights = load_file(folder / "model.safetensors")
+    del weights[sorted(weights)[1]]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("breakage, expected", [
     (_empty, "is empty"),
+    (_drop_a_tensor, "weights are missing from its weight files (1, first: "),
+    (_widen_config, "the weights' shapes do not fit its config.json"),
     (_break_config, "config.json is not valid JSON (line 1"),
     (_drop("config.json"), "has no config.json"),
     (lambda f: (f / "tokenizer.json").write_text("{"), "tokenizer.json is not valid JSON"),
