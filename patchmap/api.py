@@ -75,6 +75,12 @@ def check_arguments(run, sites):
 
 
 def check_model_and_tokenizer(model, tokenizer):
+    if not hasattr(model, "config") or not callable(model):
+        raise UserError(f"patch_heatmap: argument model: expected a loaded model (e.g. from models.load), not "
+                        f"{type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "is_fast"):
+        raise UserError(f"patch_heatmap: argument tokenizer: expected a loaded tokenizer (e.g. from models.load), "
+                        f"not {type(tokenizer).__name__}")
     models.check_supported(getattr(model.config, "model_type", None))
     models.check_fast_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer given")
     if tokenizer.pad_token_id is None:

@@ -117,7 +117,15 @@ SHARED_FOLDERS = ("models", "datasets", "figures", "README.md")
 """What results/ holds besides the runs' folders: no run may take one of these names."""
 
 
+MODEL_FOLDERS = ("logs", "benchmarks")
+"""What results/models/ holds besides the built-in models' folders."""
+
+
 def check_run_names(config):
+    for name, model in config["models"].items():
+        if "builtin" in model and name.lower() in MODEL_FOLDERS:
+            raise ConfigError(("models", name), f"the model name '{name}' is taken by results/models/{name}, which "
+                              f"holds the models' {name}; rename the model")
     for name in config["runs"]:
         if name.lower() in (f.lower() for f in SHARED_FOLDERS):
             raise ConfigError(("runs", name), f"the run name '{name}' is taken by results/{name}, which "

@@ -111,11 +111,14 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"facts": [{**GOOD_FACT, "attribute": 5}]}, "record 0: field 'attribute' must be a string, not a number"),
     ({"facts": [{"subject": "A", "prompt": "A is"}]}, "record 0: field 'attribute' is missing or empty"),
     ({"facts": ["A is in Paris"]}, "record 0: expected an object with subject, prompt, attribute, found str"),
+    ({"model": "gpt2"}, "argument model: expected a loaded model (e.g. from models.load), not str"),
+    ({"tokenizer": None}, "argument tokenizer: expected a loaded tokenizer (e.g. from models.load), not NoneType"),
 ])
 def test_api_arguments_are_checked_like_a_run(tiny_model, world, arguments, expected):
     model, tokenizer = tiny_model
     arguments = {"examples": 4, "known_only": False, "progress": False, **arguments}
     facts = arguments.pop("facts", synthetic.facts(world))
+    model, tokenizer = arguments.pop("model", model), arguments.pop("tokenizer", tokenizer)
     with pytest.raises(UserError) as error:
         patch_heatmap(model, tokenizer, facts, **arguments)
     assert expected in one_line(error)
@@ -379,6 +382,8 @@ def _rename_run(name):
     (_rename_run("figures"), "config error at runs.figures: the run name 'figures' is taken"),
     (_rename_run("Figures"), "config error at runs.Figures: the run name 'Figures' is taken"),
     (_rename_run("README.md"), "config error at runs.README.md: the run name 'README.md' is taken"),
+    (lambda c: c["models"].update(logs={"builtin": {"dataset": "d"}}) or c["datasets"].update(d={"synthetic": {}}),
+     "config error at models.logs: the model name 'logs' is taken by results/models/logs"),
 ])
 def test_config_corners(change, expected):
     config = copy.deepcopy(PATH_RUN)
