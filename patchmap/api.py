@@ -6,8 +6,6 @@
     ds["js_mean"].to_pandas()
 """
 
-import math
-
 from . import config as cfg
 from . import data, models, patching
 from .aggregate import merge_sites

@@ -187,7 +187,8 @@ def load(path):
 
 
 def check_dataset_files(config):
-    """Every `path:` dataset that a run uses is a file (checked when the workflow starts, before Snakemake looks for inputs)."""
+    """Every `path:` dataset that a run uses exists and is not a folder (checked when the workflow starts,
+    before Snakemake looks for its inputs and reports a missing one in its own words)."""
     for name in dict.fromkeys(run["dataset"] for run in config["runs"].values()):
         path = dataset_file(config, name) if "path" in config["datasets"][name] else None
         if path is None:

@@ -214,7 +214,8 @@ def check_hub_id(repo_id, revision=None):
     from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
     if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
         return
-    where = f"model '{repo_id}' is not a local folder (no folder {Path(repo_id).resolve()}), and as a Hugging Face hub id"
+    where = (f"model '{repo_id}' is not a local folder (no folder {Path(repo_id).resolve()}), and as a Hugging "
+             "Face hub id")
     if is_offline_mode():
         raise UserError(f"{where} it is not in the local cache ({constants.HF_HUB_CACHE}) and the hub is offline "
                         "(HF_HUB_OFFLINE=1); download it on a machine with network, or give a local folder")
