@@ -6,12 +6,12 @@
     ds["js_mean"].to_pandas()
 """
 
-import math
-
-from . import models, patching
+from . import config as cfg
+from . import data, models, patching
 from .aggregate import merge_sites
 from .config import resolve_layers
 from .engine import window_layers
+from .errors import UserError
 from .pairs import make_pairs
 from .provenance import package_versions
 from .sites import Site
@@ -21,6 +21,7 @@ DEFAULT_SITES = {
     "attn": {"label": "Attn.", "component": "attn", "positions": "last"},
     "last": {"label": "Last.", "component": "resid", "positions": "last"},
 }
+RUN = "patch_heatmap"  # the name of the run that the arguments make up, for the config's checks
 
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
@@ -28,21 +29,84 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
                   progress=True, engine="fast"):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
-    `engine` is "fast" (the default) or "reference", as in a run's config."""
-    sites = [s if isinstance(s, Site) else Site.from_config(name, s)
-             for name, s in (sites or DEFAULT_SITES).items()]
-    base = math.e if js_base == "e" else float(js_base)
-    layers = resolve_layers(layers, models.n_layers(model))
-    pairs = make_pairs(model, tokenizer, facts, examples, seed, known_only, batch_size=batch_size,
-                       intervention=intervention, noise_scale=noise_scale)
-    extracted = sorted({w for l in layers for w in window_layers(l, window, models.n_layers(model))})
-    acts = patching.extract_activations(model, pairs, sites, extracted, batch_size, tokenizer.pad_token_id, progress)
-    if intervention == "ablate":
-        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
-    per_site = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id, base,
-                              progress, engine=engine, window=window)
-    ds = merge_sites(per_site, sites, base, seed)
+    `engine` is "fast" (the default) or "reference", as in a run's config. The arguments are checked as
+    a run of the workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
+    run = {"layers": layers, "examples": examples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
+           "known_only": known_only, "intervention": intervention, "noise_scale": noise_scale, "value": value,
+           "window": window, "engine": engine}
+    run, site_specs = check_arguments(run, DEFAULT_SITES if sites is None else sites)
+    facts = data.check_facts(_as_list(facts), "patch_heatmap: argument facts")
+    check_model_and_tokenizer(model, tokenizer)
+    sites = [Site.from_config(name, spec) for name, spec in site_specs.items()]
+    base = cfg.js_base(run)
+    layers = resolve_layers(run["layers"], models.n_layers(model), "patch_heatmap: argument layers")
+    pairs = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
+                       batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"])
+    extracted = sorted({w for l in layers for w in window_layers(l, run["window"], models.n_layers(model))})
+    acts = patching.extract_activations(model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id,
+                                        progress)
+    if run["intervention"] == "ablate":
+        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, run["value"]), pairs)
+    per_site = patching.patch(model, pairs, acts, sites, layers, run["batch_size"], tokenizer.pad_token_id, base,
+                              progress, engine=run["engine"], window=run["window"])
+    ds = merge_sites(per_site, sites, base, run["seed"])
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
-    ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(js_base)})
+    ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(run["js_base"])})
     ds.attrs.update({f"version_{k}": v for k, v in package_versions().items()})
     return ds
+
+
+def check_arguments(run, sites):
+    """The arguments as a one-run config, validated by the workflow's schema and cross-reference checks
+    (defaults filled in); a mistake is a UserError naming the argument. Returns (run, sites) as checked."""
+    if isinstance(sites, dict):
+        sites = {name: _site_spec(spec) for name, spec in sites.items()}
+    run = {key: _plain(value) for key, value in run.items()}
+    config = {"models": {"model": {"path": "(in memory)"}}, "datasets": {"facts": {"path": "(in memory)"}},
+              "sites": sites, "runs": {RUN: {"model": "model", "dataset": "facts",
+                                             "sites": list(sites) if isinstance(sites, dict) else [], **run}}}
+    try:
+        cfg.validate(config)
+    except cfg.ConfigError as e:
+        raise UserError(f"patch_heatmap: argument {_argument(e.path)}: {e.detail}") from None
+    return config["runs"][RUN], config["sites"]
+
+
+def check_model_and_tokenizer(model, tokenizer):
+    if not hasattr(model, "config") or not callable(model):
+        raise UserError(f"patch_heatmap: argument model: expected a loaded model (e.g. from models.load), not "
+                        f"{type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "is_fast"):
+        raise UserError(f"patch_heatmap: argument tokenizer: expected a loaded tokenizer (e.g. from models.load), "
+                        f"not {type(tokenizer).__name__}")
+    models.check_supported(getattr(model.config, "model_type", None))
+    models.check_fast_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer given")
+    if tokenizer.pad_token_id is None:
+        raise UserError("patch_heatmap: the tokenizer has no pad token; set tokenizer.pad_token = "
+                        "tokenizer.eos_token first (models.load does this)")
+
+
+def _argument(path):
+    """`layers.1` for the run's keys, `sites.subj.component` for a site, `sites` for the whole mapping."""
+    if path[:2] == ("runs", RUN):
+        path = path[2:]
+    return ".".join(path) or "(the arguments together)"
+
+
+def _site_spec(spec):
+    if isinstance(spec, Site):
+        return {"label": spec.label, "component": spec.component, "positions": spec.positions}
+    return dict(spec) if isinstance(spec, dict) else spec
+
+
+def _plain(value):
+    """numpy scalars (and lists of them) as Python values, which the schema's types accept."""
+    if isinstance(value, (list, tuple, range)) or type(value).__name__ == "ndarray":
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else value
+
+
+def _as_list(facts):
+    if isinstance(facts, (dict, str, bytes)) or not hasattr(facts, "__iter__"):
+        return facts  # refused by check_facts, which names the type
+    return list(facts)

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 import re
 from pathlib import Path
 
@@ -28,25 +29,38 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": properties})
 
 
-def _key_path(error):
-    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+class ConfigError(UserError):
+    """A config mistake at a key path (a tuple of keys): `detail` says what is wrong and what is allowed."""
+
+    def __init__(self, path, detail):
+        self.path, self.detail = tuple(str(p) for p in path), detail
+        super().__init__(f"config error at {'.'.join(self.path) or '(top level)'}: {detail}")
 
 
 def _describe(error):
-    """One line: where, what is wrong, and what is allowed."""
+    """The error's key path and one line on what is wrong there, and what is allowed."""
+    path = tuple(error.absolute_path)
     if error.validator == "oneOf" and all(set(c) == {"required"} for c in error.validator_value):
         options = " or ".join("'" + "/".join(c["required"]) + "'" for c in error.validator_value)
-        return f"config error at {_key_path(error)}: give exactly one of {options}"
+        return path, f"give exactly one of {options}"
     if error.validator == "oneOf" and error.context:
         deepest = max(error.context, key=lambda e: len(list(e.absolute_path)))
         if len(list(deepest.absolute_path)) > len(list(error.absolute_path)):
             return _describe(deepest)
+        # the option whose type fits but whose constraint failed (e.g. a list of layers with one twice)
+        fitting = [e for e in error.context if e.validator not in ("const", "type", "enum")]
+        if fitting:
+            return _describe(fitting[0])
         allowed = "; or ".join(c.get("description") or _short(c) for c in error.schema["oneOf"])
-        return f"config error at {_key_path(error)}: {error.instance!r} is not allowed; use {allowed}"
+        return path, f"{error.instance!r} is not allowed; use {allowed}"
+    if error.validator == "uniqueItems":
+        twice = next(x for i, x in enumerate(error.instance) if x in error.instance[:i])
+        what = {"layers": "layer ", "sites": "site "}.get(str(path[-1]) if path else "", "")
+        return path, f"{what}{twice!r} is listed twice"
     message = error.message
     if error.validator == "pattern":
         message += f" ({error.schema.get('description', 'wrong format')})"
-    return f"config error at {_key_path(error)}: {message}"
+    return path, message
 
 
 def _short(subschema):
@@ -61,57 +75,107 @@ def schema():
     return yaml.safe_load(SCHEMA.read_text())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise UserError(f"{self.name}: line {key_node.start_mark.line + 1}: key '{key}' is defined twice "
+                                "in the same mapping; the first definition would be lost")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path):
+    """A YAML file's content, refusing duplicate keys; a syntax error is one line too."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read: {e}") from None
+
+
 def validate(config):
-    """Check `config` in place against the schema, filling in defaults. Raises UserError."""
+    """Check `config` in place against the schema, filling in defaults. Raises ConfigError."""
     validator = _with_defaults(Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), e.message))
     if errors:
-        raise UserError(_describe(errors[0]))
+        raise ConfigError(*_describe(errors[0]))
     check_references(config)
     return config
 
 
+SHARED_FOLDERS = ("models", "datasets", "figures", "README.md")
+"""What results/ holds besides the runs' folders: no run may take one of these names."""
+
+
+MODEL_FOLDERS = ("logs", "benchmarks")
+"""What results/models/ holds besides the built-in models' folders."""
+
+
+def check_run_names(config):
+    for name, model in config["models"].items():
+        if "builtin" in model and name.lower() in MODEL_FOLDERS:
+            raise ConfigError(("models", name), f"the model name '{name}' is taken by results/models/{name}, which "
+                              f"holds the models' {name}; rename the model")
+    for name in config["runs"]:
+        if name.lower() in (f.lower() for f in SHARED_FOLDERS):
+            raise ConfigError(("runs", name), f"the run name '{name}' is taken by results/{name}, which "
+                              f"holds every run's shared files ({', '.join(SHARED_FOLDERS)} are reserved); "
+                              "rename the run")
+
+
 def check_references(config):
+    check_run_names(config)
     for name, model in config["models"].items():
         world = model.get("builtin", {}).get("dataset")
         if world is not None and "synthetic" not in config["datasets"].get(world, {}):
-            raise UserError(f"config error at models.{name}.builtin.dataset: '{world}' is not a synthetic "
-                            f"dataset; synthetic datasets: {_names(config, 'datasets', 'synthetic')}")
+            raise ConfigError(("models", name, "builtin", "dataset"), f"'{world}' is not a synthetic dataset; "
+                              f"synthetic datasets: {_names(config, 'datasets', 'synthetic')}")
     for name, figure in config.get("figures", {}).items():
         for run in figure["runs"]:
             if run not in config["runs"]:
-                raise UserError(f"config error at figures.{name}.runs: run '{run}' is not defined; defined runs: "
-                                + ", ".join(config["runs"]))
+                raise ConfigError(("figures", name, "runs"), f"run '{run}' is not defined; defined runs: "
+                                  + ", ".join(config["runs"]))
     labels = {}
     for name, site in config["sites"].items():
         label = site.get("label", name)
         if label in labels:
-            raise UserError(f"config error at sites.{name}: label '{label}' is already used by site "
-                            f"'{labels[label]}'; labels name figure rows and must be unique")
+            raise ConfigError(("sites", name), f"label '{label}' is already used by site "
+                              f"'{labels[label]}'; labels name figure rows and must be unique")
         labels[label] = name
     for run_name, run in config["runs"].items():
         for key, section in (("model", "models"), ("dataset", "datasets")):
             if run[key] not in config[section]:
-                raise UserError(f"config error at runs.{run_name}.{key}: '{run[key]}' is not defined; "
-                                f"defined {section}: {', '.join(config[section])}")
+                raise ConfigError(("runs", run_name, key), f"'{run[key]}' is not defined; "
+                                  f"defined {section}: {', '.join(config[section])}")
         for site in run["sites"]:
             if site not in config["sites"]:
-                raise UserError(f"config error at runs.{run_name}.sites: site '{site}' is not defined; "
-                                f"defined sites: {', '.join(config['sites'])}")
-        if len(set(run["sites"])) != len(run["sites"]):
-            raise UserError(f"config error at runs.{run_name}.sites: a site is listed twice")
+                raise ConfigError(("runs", run_name, "sites"), f"site '{site}' is not defined; "
+                                  f"defined sites: {', '.join(config['sites'])}")
+        twice = [s for i, s in enumerate(run["sites"]) if s in run["sites"][:i]]
+        if twice:
+            raise ConfigError(("runs", run_name, "sites"), f"site '{twice[0]}' is listed twice")
         if run.get("intervention") == "knockout":
             for site in run["sites"]:
                 if config["sites"][site]["positions"] == "all":
-                    raise UserError(f"config error at runs.{run_name}.sites: knockout at site '{site}' (positions "
-                                    "'all') would block every token the last one attends to, which leaves its "
-                                    "attention undefined; use a group that keeps some, e.g. non_subject")
+                    raise ConfigError(("runs", run_name, "sites"), f"knockout at site '{site}' (positions "
+                                      "'all') would block every token the last one attends to, which leaves its "
+                                      "attention undefined; use a group that keeps some, e.g. non_subject")
         model = config["models"][run["model"]]
         if "builtin" in model and run["layers"] != "all":
             too_high = [l for l in run["layers"] if l >= model["builtin"]["layers"]]
             if too_high:
-                raise UserError(f"config error at runs.{run_name}.layers: layer {too_high[0]} is out of "
-                                f"range; model '{run['model']}' has layers 0 to {model['builtin']['layers'] - 1}")
+                raise ConfigError(("runs", run_name, "layers"), f"layer {too_high[0]} is out of range; model "
+                                  f"'{run['model']}' has layers 0 to {model['builtin']['layers'] - 1}")
 
 
 def _names(config, section, kind):
@@ -119,8 +183,20 @@ def _names(config, section, kind):
 
 
 def load(path):
-    with open(path) as fh:
-        return validate(yaml.safe_load(fh))
+    return validate(load_yaml(path))
+
+
+def check_dataset_files(config):
+    """Every `path:` dataset that a run uses exists and is not a folder (checked when the workflow starts,
+    before Snakemake looks for its inputs and reports a missing one in its own words)."""
+    for name in dict.fromkeys(run["dataset"] for run in config["runs"].values()):
+        path = dataset_file(config, name) if "path" in config["datasets"][name] else None
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise UserError(f"dataset path '{path}' is a folder (datasets.{name}.path); give the dataset file")
+        if not Path(path).exists():
+            raise UserError(f"dataset file '{path}' does not exist (datasets.{name}.path)")
 
 
 def run_sites(config, run_name):
@@ -141,7 +217,7 @@ def dataset_file(config, dataset_name):
     if "url" in dataset:
         suffix = ".jsonl" if dataset["url"].endswith(".jsonl") else ".json"
         return f"results/datasets/{dataset_name}{suffix}"
-    return dataset.get("path")
+    return os.path.expanduser(dataset["path"]) if "path" in dataset else None
 
 
 def model_dir(config, model_name):

@@ -44,6 +44,26 @@ def encode_facts(tokenizer, facts, missing_subject="drop"):
     return encoded, len(missing)
 
 
+def max_positions(model_config):
+    """The longest input the model's position embeddings allow, or None where the config sets no limit."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def drop_too_long(encoded, limit):
+    """The encoded facts whose prompt fits in `limit` tokens (all of them if limit is None), and how many
+    were dropped: a longer prompt would run past the model's position embeddings."""
+    kept = encoded if limit is None else [f for f in encoded if len(f["ids"]) <= limit]
+    if len(kept) < len(encoded):
+        log.warning("dropped %d facts whose prompt is longer than the model's %d positions (first: %s)",
+                    len(encoded) - len(kept), limit,
+                    ", ".join([f["id"] for f in encoded if len(f["ids"]) > limit][:5]))
+    return kept, len(encoded) - len(kept)
+
+
 @torch.no_grad()
 def baseline_predictions(model, encoded, pad_id, batch_size):
     """Top-1 token and probability of the answer for each unpatched prompt."""
@@ -114,10 +134,11 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     if intervention not in INTERVENTIONS:
         raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
     encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
+    encoded, n_too_long = drop_too_long(encoded, max_positions(model.config))
     baseline_predictions(model, encoded, tokenizer.pad_token_id, batch_size)
     known = [f for f in encoded if f["top1"] == f["answer"]] if known_only else encoded
     pairs, no_partner = INTERVENTIONS[intervention](known, examples, seed)
-    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing,
+    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
               "dropped_not_known": len(encoded) - len(known), "dropped_no_partner": no_partner,
               "pairs": len(pairs), "examples_requested": examples}
     log.info("pairs: %s", counts)

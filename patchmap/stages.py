@@ -23,8 +23,13 @@ log = logging.getLogger("patchmap")
 
 @contextmanager
 def reported_errors(log_path=None):
-    """Set up logging to the rule's log file; turn a UserError into one line and exit status 1."""
-    handlers = [logging.StreamHandler(sys.stderr)]
+    """Set up logging to the rule's log file; turn a UserError into one line and exit status 1. Any other
+    exception is a bug: its traceback goes into the log file (where cluster users look, and which
+    Snakemake shows after a failed job), and the terminal gets one line pointing there; without a log
+    file the exception propagates as usual."""
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.addFilter(lambda record: not getattr(record, "log_file_only", False))
+    handlers = [terminal]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
@@ -36,11 +41,20 @@ def reported_errors(log_path=None):
     except UserError as e:
         log.error("patchmap: %s", e)
         sys.exit(1)
+    except Exception as e:
+        if not log_path:
+            raise
+        log.exception("the job failed with an unexpected error (a bug: please report it with this log)",
+                      extra={"log_file_only": True})
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(f"the job failed with an unexpected error, {type(e).__name__}: {first_line}; the traceback is in "
+              f"{log_path}", file=sys.stderr)
+        sys.exit(1)
 
 
 def download_dataset(config, dataset_name, out):
     dataset = config["datasets"][dataset_name]
-    digest = data.download(dataset["url"], out, dataset.get("sha256"))
+    digest = data.download(dataset["url"], out, dataset.get("sha256"), f"dataset '{dataset_name}' ({dataset['url']})")
     log.info("downloaded %s to %s (sha256 %s)", dataset["url"], out, digest)
 
 
@@ -60,7 +74,7 @@ def make_facts(config, run_name, out):
         rows = synthetic.facts(synthetic.make_world(**dataset["synthetic"]))
     else:
         path = cfg.dataset_file(config, name)
-        data.check_sha256(path, dataset.get("sha256"))
+        data.check_sha256(path, dataset.get("sha256"), f"dataset '{name}' ({dataset.get('url') or path})")
         rows = data.read_facts(path)
     if not rows:
         raise UserError(f"dataset '{config['runs'][run_name]['dataset']}' has no facts")

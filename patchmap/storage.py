@@ -1,10 +1,16 @@
 """Atomic writes: a result appears whole under its final name, or not at all."""
 
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 1 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 def _umask():
@@ -19,20 +25,56 @@ def _remove_leftovers(path):
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def disk_is_full(error, folder):
+    """Whether a failed write failed for want of space. netCDF and HDF5 hide the cause (they report
+    "HDF error" or "Permission denied"), so an error from a folder with almost no space left counts too."""
+    if getattr(error, "errno", None) in DISK_FULL or any(
+            text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+        return True
+    try:
+        return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+@contextmanager
+def full_disk_reported(path):
+    """Turn a write that failed on a full disk into one line naming the file and the folder."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        folder = Path(path).parent
+        if not disk_is_full(e, folder):
+            raise
+        raise UserError(f"the disk is full: no space left to write {path} ({_free(folder)} free in "
+                        f"{folder.resolve()}); free some space there and run again") from None
+
+
+def _free(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB"
+    except OSError:
+        return "no space"
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary file name beside `path`; move it into place only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results are ordinary files
-        os.replace(tmp, path)
+        with full_disk_reported(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results are ordinary files
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -40,17 +82,19 @@ def atomic_path(path):
 def atomic_directory(path):
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
-    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with full_disk_reported(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(path)
+            tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             shutil.rmtree(tmp)
 
 

@@ -7,7 +7,10 @@ from patchmap import config as cfg
 from patchmap.errors import UserError
 
 try:
+    for configfile_path in workflow.configfiles:
+        cfg.load_yaml(configfile_path)  # Snakemake's own loader keeps the last of two equal keys: refuse them
     cfg.validate(config)
+    cfg.check_dataset_files(config)  # before Snakemake reports a missing input in its own words
 except UserError as error:
     sys.exit(f"patchmap: {error}")
 
