@@ -168,7 +168,7 @@ def test_placement_from_the_config(caplog):
     ({"max_memory": {-1: "10GiB"}}, "models.m.max_memory"),
 ])
 def test_bad_device_map_or_max_memory_is_a_config_error(model, where):
-    with pytest.raises(UserError, match=f"^config error at {where}: .* is not allowed; use "):
+    with pytest.raises(UserError, match=f"^config error at {where}: "):
         _config("some/model", **model)
 
 
