@@ -142,12 +142,17 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
                             "the config to load pickled (.bin) weights from a source you trust") from None
         raise
     model.to(device).eval()
-    tokenizer = _load_tokenizer(source, kwargs)
+    return model, load_tokenizer(source, revision, trust_remote_code)
+
+
+def load_tokenizer(source, revision=None, trust_remote_code=False):
+    """The model's fast tokenizer, right-padded (with the end-of-text token where it has no pad token)."""
+    tokenizer = _load_tokenizer(source, {"revision": revision, "trust_remote_code": trust_remote_code})
     check_fast_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return model, tokenizer
+    return tokenizer
 
 
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")

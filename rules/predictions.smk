@@ -1,0 +1,23 @@
+rule predictions:
+    input:
+        facts="results/datasets/{dataset}/facts.jsonl",
+        model=model_identity,
+    output:
+        "results/predictions/{model}/{dataset}/{dtype}.nc",
+    params:
+        run=lambda w: config["runs"][cfg.predicting_run(config, w.model, w.dataset, w.dtype)],
+    log:
+        "results/predictions/logs/{model}/{dataset}/{dtype}.log",
+    benchmark:
+        "results/predictions/benchmarks/{model}/{dataset}/{dtype}.tsv"
+    wildcard_constraints:
+        dtype="float32|bfloat16|float16",
+    threads: model_threads
+    resources:
+        gpu=device_gpus,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/predictions.py"
