@@ -198,14 +198,16 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
             if len(pairs) == examples or predicted == len(encoded):
                 break
             chunk *= 2
+        not_known = predicted - len(candidates)
     else:
-        predicted, candidates = len(encoded), encoded
+        candidates, not_known = encoded, 0
         pairs, no_partner = INTERVENTIONS[intervention](candidates, examples, seed)
         used = sorted({i for pair in pairs for i in pair})
         baseline_predictions(model, [candidates[i] for i in used], pad_id, batch_size)
+        predicted = len(used)
     std = subject_embedding_std(model, candidates) if intervention == "noise" and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing,
-              "dropped_not_known": predicted - len(candidates), "not_predicted": len(encoded) - predicted,
+              "dropped_not_known": not_known, "not_predicted": len(encoded) - predicted,
               "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples}
     return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
 

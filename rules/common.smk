@@ -83,8 +83,8 @@ def patch_files(wildcards):
 
 # Cluster resources of the jobs that run a model (predictions, extract, patch, train_builtin_model), from the
 # model's `resources` block in the config (schema defaults fit the built-in model). Local runs use
-# `cpus` as the job's threads (capped by --cores) and `gpu` against the cap in profiles/default (one
-# GPU job at a time), and ignore the rest; profiles/slurm turns them into
+# `cpus` as the job's threads (capped by --cores) and `gpu_jobs` against the cap in profiles/default
+# (one GPU job at a time), and ignore the rest; profiles/slurm turns them into
 # sbatch options (--gpus, --cpus-per-task, --mem, -t). A retry (--retries) asks for more memory and time.
 def model_name(wildcards):
     """The model a job runs: its {model} wildcard, or its run's model."""
@@ -111,9 +111,14 @@ def model_gpus(wildcards):
 
 
 def device_gpus(wildcards):
-    """The model's GPUs, or none for a job whose device is cpu: a CPU-only run never waits for (or, on
-    SLURM, asks for) a GPU, and the local cap (profiles/default: gpu=1) does not serialise it."""
+    """The model's GPUs, or none for a job whose device is cpu (a CPU-only run asks SLURM for no GPU)."""
     return 0 if job_device(wildcards) == "cpu" else model_gpus(wildcards)
+
+
+def gpu_job(wildcards):
+    """1 for a job that runs its model on GPUs: profiles/default lets one such job run at a time
+    (resources: gpu_jobs=1), so two models never share a card unasked; CPU runs are not held back."""
+    return 0 if job_device(wildcards) == "cpu" else 1
 
 
 def model_mem_mb(wildcards, attempt):

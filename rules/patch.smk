@@ -19,6 +19,7 @@ rule patch:
     threads: model_threads
     resources:
         gpu=device_gpus,
+        gpu_jobs=gpu_job,
         mem_mb=model_mem_mb,
         runtime=model_runtime,
     conda:
@@ -46,6 +47,7 @@ rule patch_without_extraction:
     threads: model_threads
     resources:
         gpu=device_gpus,
+        gpu_jobs=gpu_job,
         mem_mb=model_mem_mb,
         runtime=model_runtime,
     conda:

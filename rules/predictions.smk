@@ -15,6 +15,7 @@ rule predictions:
     threads: model_threads
     resources:
         gpu=device_gpus,
+        gpu_jobs=gpu_job,
         mem_mb=model_mem_mb,
         runtime=model_runtime,
     conda:
