@@ -5,7 +5,10 @@ rule predictions:
     output:
         "results/predictions/{model}/{dataset}/{dtype}.nc",
     params:
-        run=lambda w: config["runs"][cfg.predicting_run(config, w.model, w.dataset, w.dtype)],
+        # what the predictions depend on besides model, dataset and dtype (a change in a run's other
+        # settings must not redo them)
+        device=job_device,
+        batch_size=lambda w: config["runs"][cfg.predicting_run(config, w.model, w.dataset, w.dtype)]["batch_size"],
     log:
         "results/predictions/logs/{model}/{dataset}/{dtype}.log",
     benchmark:
