@@ -36,7 +36,8 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     pairs = make_pairs(model, tokenizer, facts, examples, seed, known_only, batch_size=batch_size,
                        intervention=intervention, noise_scale=noise_scale)
     extracted = sorted({w for l in layers for w in window_layers(l, window, models.n_layers(model))})
-    acts = patching.extract_activations(model, pairs, sites, extracted, batch_size, tokenizer.pad_token_id, progress)
+    acts = (None if intervention == "knockout" else  # knockout patches no activations in
+            patching.extract_activations(model, pairs, sites, extracted, batch_size, tokenizer.pad_token_id, progress))
     if intervention == "ablate":
         acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
     per_site = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id, base,

@@ -187,29 +187,36 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     every fact once per model and dataset instead (predict_facts, pairs_from_predictions)."""
     _check_intervention(intervention)
     encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
-    pad_id = tokenizer.pad_token_id
-    if known_only:
-        chunk, predicted = max(batch_size, 2 * examples), 0
-        while True:
-            baseline_predictions(model, encoded[predicted:predicted + chunk], pad_id, batch_size)
-            predicted = min(predicted + chunk, len(encoded))
-            candidates = [f for f in encoded[:predicted] if is_known(f)]
-            pairs, no_partner = INTERVENTIONS[intervention](candidates, examples, seed)
-            if len(pairs) == examples or predicted == len(encoded):
-                break
-            chunk *= 2
-        not_known = predicted - len(candidates)
-    else:
-        candidates, not_known = encoded, 0
-        pairs, no_partner = INTERVENTIONS[intervention](candidates, examples, seed)
-        used = sorted({i for pair in pairs for i in pair})
-        baseline_predictions(model, [candidates[i] for i in used], pad_id, batch_size)
-        predicted = len(used)
+    choose = _known_pairs_in_chunks if known_only else _pairs_then_predictions
+    candidates, pairs, no_partner, predicted = choose(model, encoded, tokenizer.pad_token_id, batch_size,
+                                                      INTERVENTIONS[intervention], examples, seed)
     std = subject_embedding_std(model, candidates) if intervention == "noise" and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing,
-              "dropped_not_known": not_known, "not_predicted": len(encoded) - predicted,
-              "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples}
+              "dropped_not_known": predicted - len(candidates) if known_only else 0,
+              "not_predicted": len(encoded) - predicted, "dropped_no_partner": no_partner, "pairs": len(pairs),
+              "examples_requested": examples}
     return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
+
+
+def _known_pairs_in_chunks(model, encoded, pad_id, batch_size, partners, examples, seed):
+    """Predict facts in chunks (doubling) until the known ones give `examples` pairs, or all are predicted."""
+    chunk, predicted = max(batch_size, 2 * examples), 0
+    while True:
+        baseline_predictions(model, encoded[predicted:predicted + chunk], pad_id, batch_size)
+        predicted = min(predicted + chunk, len(encoded))
+        known = [f for f in encoded[:predicted] if is_known(f)]
+        pairs, no_partner = partners(known, examples, seed)
+        if len(pairs) == examples or predicted == len(encoded):
+            return known, pairs, no_partner, predicted
+        chunk *= 2
+
+
+def _pairs_then_predictions(model, encoded, pad_id, batch_size, partners, examples, seed):
+    """Pair every fact, then predict only the chosen targets and sources (their baselines)."""
+    pairs, no_partner = partners(encoded, examples, seed)
+    used = sorted({i for pair in pairs for i in pair})
+    baseline_predictions(model, [encoded[i] for i in used], pad_id, batch_size)
+    return encoded, pairs, no_partner, len(used)
 
 
 def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_only=True,
