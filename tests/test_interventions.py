@@ -51,7 +51,9 @@ def test_mean_ablation_over_one_example_changes_nothing(tiny_model, world):
     ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=SITES, examples=1, known_only=False,
                        intervention="ablate", value="mean", progress=False)
     assert ds.sizes["example"] == 1
-    assert float(abs(ds["js"]).max()) == 0.0
+    # equal to rounding: the fast engine's patched runs go through block calls of other shapes than the
+    # clean run's, so bit-for-bit equality depends on the kernels' blocking (it held or not by chance)
+    assert float(abs(ds["js"]).max()) < 1e-9
 
 
 def test_mean_ablation_uses_the_dataset_mean(tiny_model, world):
