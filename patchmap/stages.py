@@ -224,8 +224,10 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
 
 def stack_sites(per_site, sites):
     """One shard's per-site metrics (example x layer each) as one dataset with a `site` dimension (site names)."""
-    ds = xr.concat([per_site[s.name].drop_attrs() for s in sites], dim="site", join="exact")
-    ds = ds.assign_coords(site=[s.name for s in sites]).transpose("example", "site", "layer")
+    ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in sites], dim="site", join="exact")
+    ds = ds.assign_coords(site=[s.name for s in sites], label=("site", [s.label for s in sites]),
+                          component=("site", [s.component for s in sites]),
+                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer")
     ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})
     return ds
 
@@ -236,7 +238,8 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, out):
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
     shards = [xr.load_dataset(p) for p in patch_paths]
-    per_site = {s.name: [ds.sel(site=s.name, drop=True) for ds in shards] for s in sites}
+    per_site = {s.name: [ds.drop_vars(["label", "component", "positions"]).sel(site=s.name, drop=True)
+                         for ds in shards] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
     pairs = xr.load_dataset(pairs_path)
     for var in ("target_prompt", "source_prompt", "target_attribute", "source_attribute", "relation"):
