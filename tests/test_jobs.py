@@ -172,3 +172,21 @@ def test_a_replaced_local_checkpoint_redoes_the_results(tmp_path):
     assert predicted.attrs["model_weights_sha256"] == after.attrs["model_weights_sha256"]
     identity = yaml.safe_load((tmp_path / "results" / "models" / "local.json").read_text())
     assert identity["files"]["model.safetensors"] and identity["files"]["tokenizer.json"]
+
+
+def test_the_ablation_mean_spans_shards_with_different_numbers_of_slots():
+    """Each shard's activations have as many slots as its longest position group: 2 in one, 3 in the other."""
+    site = Site("rel", "Rel.", "mlp", "relation")
+    rng = np.random.default_rng(0)
+
+    def shard(n, slots, used):
+        act = rng.normal(size=(n, 1, slots, 4))
+        for i, k in enumerate(used):
+            act[i, :, k:] = np.nan
+        return xr.Dataset({"act_rel": (("example", "layer", "slot_rel", "hidden"), act)}, coords={"layer": [0]})
+
+    shards = [shard(2, 2, [2, 1]), shard(2, 3, [3, 1])]
+    values = patching.ablation_values(shards, [site], "mean")["act_rel"].values  # [layer, slot, hidden]
+    together = np.full((4, 1, 3, 4), np.nan)
+    together[:2, :, :2], together[2:] = shards[0]["act_rel"].values, shards[1]["act_rel"].values
+    np.testing.assert_allclose(values, np.nanmean(together, axis=0), rtol=1e-6)
