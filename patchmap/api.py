@@ -43,8 +43,9 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     pairs = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
                        batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"])
     extracted = sorted({w for l in layers for w in window_layers(l, run["window"], models.n_layers(model))})
-    acts = patching.extract_activations(model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id,
-                                        progress)
+    acts = (None if run["intervention"] == "knockout" else  # knockout patches no activations in
+            patching.extract_activations(model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id,
+                                         progress))
     if run["intervention"] == "ablate":
         acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, run["value"]), pairs)
     per_site = patching.patch(model, pairs, acts, sites, layers, run["batch_size"], tokenizer.pad_token_id, base,

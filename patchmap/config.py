@@ -236,3 +236,21 @@ def resolve_layers(layers, n_layers, where="layers"):
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def model_identity_file(model_name):
+    """results/models/<name>.json: the model's weights sha256 (local) or resolved hub commit, made once."""
+    return f"results/models/{model_name}.json"
+
+
+def predictions_file(config, run_name):
+    """The run's model's predictions on its dataset, shared by every run with the same model, dataset and dtype."""
+    run = config["runs"][run_name]
+    return f"results/predictions/{run['model']}/{run['dataset']}/{run['dtype']}.nc"
+
+
+def predicting_run(config, model_name, dataset_name, dtype):
+    """The first run (in config order) on this model, dataset and dtype: its device and batch size make
+    the shared predictions."""
+    return next(name for name, run in config["runs"].items()
+                if (run["model"], run["dataset"], run["dtype"]) == (model_name, dataset_name, dtype))

@@ -358,15 +358,22 @@ def load(source, revision=None, dtype="float32", device="cpu", trust_remote_code
     check_all_weights_loaded(source, loading)
     model.patchmap_offload_folder = offload  # deleted with the model
     model.eval()
+    return model, load_tokenizer(source, revision, trust_remote_code)
+
+
+def load_tokenizer(source, revision=None, trust_remote_code=False):
+    """The model's fast tokenizer, right-padded (with the end-of-text token where it has no pad token)."""
+    if source.startswith("~"):
+        source = str(Path(source).expanduser())
     try:
-        tokenizer = _load_tokenizer(source, kwargs)
+        tokenizer = _load_tokenizer(source, {"revision": revision, "trust_remote_code": trust_remote_code})
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"the tokenizer of '{source}' cannot be loaded: {_first_line(e)}") from None
     check_fast_tokenizer(tokenizer, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return model, tokenizer
+    return tokenizer
 
 
 def check_all_weights_loaded(source, loading):

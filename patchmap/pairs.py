@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import models
 from .data import subject_token_span
 from .engine import last_logprobs, pad_batch
 from .errors import UserError
@@ -67,15 +68,83 @@ def drop_too_long(encoded, limit):
 @torch.no_grad()
 def baseline_predictions(model, encoded, pad_id, batch_size):
     """Top-1 token and probability of the answer for each unpatched prompt."""
-    device = next(model.parameters()).device
+    device = models.input_device(model)
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         ids, mask, pos, lengths = pad_batch([f["ids"] for f in chunk], pad_id, device)
         logprobs = last_logprobs(model, ids, mask, pos, lengths, " in a baseline (unpatched) run")
-        answers = torch.tensor([f["answer"] for f in chunk], device=device)
-        p_answer = logprobs[torch.arange(len(chunk), device=device), answers].exp()
+        answers = torch.tensor([f["answer"] for f in chunk], device=logprobs.device)
+        p_answer = logprobs[torch.arange(len(chunk), device=logprobs.device), answers].exp()
         for f, top, p in zip(chunk, logprobs.argmax(-1).tolist(), p_answer.tolist()):
             f["top1"], f["p_answer"] = top, p
+
+
+@torch.no_grad()
+def subject_embedding_moments(model, encoded):
+    """Per fact: count, sum and sum of squares (float64) of its subject tokens' input embedding values,
+    from which the std over any set of facts follows exactly (noise_std_from_moments)."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    for f in encoded:
+        ids = torch.tensor(f["ids"][f["span"][0]:f["span"][1]], device=device)
+        values = embeddings(ids).double()
+        f["emb_count"], f["emb_sum"], f["emb_sumsq"] = values.numel(), values.sum().item(), (values ** 2).sum().item()
+
+
+def std_from_moments(facts):
+    """Standard deviation (n - 1 in the denominator, as torch.std) of the subject embedding values of
+    `facts`, from their moments."""
+    n = sum(f["emb_count"] for f in facts)
+    total, squares = sum(f["emb_sum"] for f in facts), sum(f["emb_sumsq"] for f in facts)
+    return float(np.sqrt(max(squares - total * total / n, 0.0) / (n - 1)))
+
+
+def predict_facts(model, tokenizer, facts, batch_size):
+    """results/predictions/...: each fact's answer token, the model's top-1 token and the answer's
+    probability after the prompt, and the moments of its subject embeddings (for the noise scale).
+    Facts whose subject is not in the prompt get no prediction (pairing drops or refuses them)."""
+    limit = max_positions(model.config)
+    encoded, _ = drop_too_long(encode_facts(tokenizer, facts, "drop")[0], limit)
+    baseline_predictions(model, encoded, tokenizer.pad_token_id, batch_size)
+    subject_embedding_moments(model, encoded)
+    fact = ("fact",)
+    data = {
+        "answer": (fact, np.array([f["answer"] for f in encoded], dtype=np.int64),
+                   {"description": "first token of the attribute after the prompt"}),
+        "top1": (fact, np.array([f["top1"] for f in encoded], dtype=np.int64),
+                 {"description": "the model's most probable next token after the prompt"}),
+        "p_answer": (fact, np.array([f["p_answer"] for f in encoded], dtype=np.float32),
+                     {"description": "probability of the answer token after the prompt", "units": "probability"}),
+        "subject_embedding_count": (fact, np.array([f["emb_count"] for f in encoded], dtype=np.int64),
+                                    {"description": "number of subject token embedding values"}),
+        "subject_embedding_sum": (fact, np.array([f["emb_sum"] for f in encoded], dtype=np.float64),
+                                  {"description": "sum of the subject tokens' input embedding values"}),
+        "subject_embedding_sumsq": (fact, np.array([f["emb_sumsq"] for f in encoded], dtype=np.float64),
+                                    {"description": "sum of squares of the subject tokens' input embedding values"}),
+    }
+    ds = xr.Dataset(data, coords={"fact": np.array([f["id"] for f in encoded], dtype=object)})
+    ds["fact"].attrs["description"] = "fact id"
+    ds.attrs["max_positions"] = limit or 0  # facts with longer prompts have no prediction (0: no limit)
+    return ds
+
+
+PREDICTED_FIELDS = {"top1": "top1", "p_answer": "p_answer", "emb_count": "subject_embedding_count",
+                    "emb_sum": "subject_embedding_sum", "emb_sumsq": "subject_embedding_sumsq"}
+
+
+def attach_predictions(encoded, predictions):
+    """Copy each encoded fact's prediction from a predictions dataset (predict_facts), by fact id."""
+    row = {str(fact): i for i, fact in enumerate(predictions["fact"].values)}
+    columns = {field: predictions[var].values for field, var in PREDICTED_FIELDS.items()}
+    for f in encoded:
+        i = row.get(str(f["id"]))
+        if i is None:
+            raise UserError(f"fact {f['id']} has no prediction in the predictions file; delete it to redo it")
+        for field, values in columns.items():
+            f[field] = values[i].item()
+        if int(predictions["answer"].values[i]) != f["answer"]:
+            raise UserError(f"fact {f['id']}: the predictions file was made with another tokenizer; delete it "
+                            "to redo it")
 
 
 def swap_partners(encoded, examples, seed):
@@ -109,7 +178,7 @@ def self_partners(encoded, examples, seed):
 def subject_embedding_std(model, encoded):
     """Standard deviation of the input embeddings of every subject token in the facts (ROME's scale)."""
     ids = torch.tensor([t for f in encoded for t in f["ids"][f["span"][0]:f["span"][1]]],
-                       device=next(model.parameters()).device)
+                       device=models.input_device(model))
     return model.get_input_embeddings()(ids).float().std().item()
 
 
@@ -124,23 +193,80 @@ INTERVENTIONS = {"swap": swap_partners, "noise": self_partners, "ablate": self_p
                  "knockout": self_partners}
 
 
+def _check_intervention(intervention):
+    if intervention not in INTERVENTIONS:
+        raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
+
+
+def is_known(fact):
+    return fact["top1"] == fact["answer"]
+
+
 def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing_subject="drop",
                batch_size=32, intervention="swap", noise_scale=3.0):
+    """The pairs dataset (see pairs_dataset), predicting only what pairing needs: with `known_only`, facts
+    are predicted in chunks (in the given order) until `examples` pairs of known facts are found; without
+    it, only the chosen targets and sources are predicted. The Python API's path; the workflow predicts
+    every fact once per model and dataset instead (predict_facts, pairs_from_predictions)."""
+    _check_intervention(intervention)
+    encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
+    encoded, n_too_long = drop_too_long(encoded, max_positions(model.config))
+    choose = _known_pairs_in_chunks if known_only else _pairs_then_predictions
+    candidates, pairs, no_partner, predicted = choose(model, encoded, tokenizer.pad_token_id, batch_size,
+                                                      INTERVENTIONS[intervention], examples, seed)
+    std = subject_embedding_std(model, candidates) if intervention == "noise" and pairs else None
+    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
+              "dropped_not_known": predicted - len(candidates) if known_only else 0,
+              "not_predicted": len(encoded) - predicted, "dropped_no_partner": no_partner, "pairs": len(pairs),
+              "examples_requested": examples}
+    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
+
+
+def _known_pairs_in_chunks(model, encoded, pad_id, batch_size, partners, examples, seed):
+    """Predict facts in chunks (doubling) until the known ones give `examples` pairs, or all are predicted."""
+    chunk, predicted = max(batch_size, 2 * examples), 0
+    while True:
+        baseline_predictions(model, encoded[predicted:predicted + chunk], pad_id, batch_size)
+        predicted = min(predicted + chunk, len(encoded))
+        known = [f for f in encoded[:predicted] if is_known(f)]
+        pairs, no_partner = partners(known, examples, seed)
+        if len(pairs) == examples or predicted == len(encoded):
+            return known, pairs, no_partner, predicted
+        chunk *= 2
+
+
+def _pairs_then_predictions(model, encoded, pad_id, batch_size, partners, examples, seed):
+    """Pair every fact, then predict only the chosen targets and sources (their baselines)."""
+    pairs, no_partner = partners(encoded, examples, seed)
+    used = sorted({i for pair in pairs for i in pair})
+    baseline_predictions(model, [encoded[i] for i in used], pad_id, batch_size)
+    return encoded, pairs, no_partner, len(used)
+
+
+def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_only=True,
+                           missing_subject="drop", intervention="swap", noise_scale=3.0):
+    """The pairs dataset from the tokenizer and a predictions dataset (predict_facts) of every fact:
+    no model needed. The workflow's path."""
+    _check_intervention(intervention)
+    encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
+    encoded, n_too_long = drop_too_long(encoded, int(predictions.attrs.get("max_positions", 0)) or None)
+    attach_predictions(encoded, predictions)
+    candidates = [f for f in encoded if is_known(f)] if known_only else encoded
+    pairs, no_partner = INTERVENTIONS[intervention](candidates, examples, seed)
+    std = std_from_moments(candidates) if intervention == "noise" and pairs else None
+    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
+              "dropped_not_known": len(encoded) - len(candidates), "not_predicted": 0,
+              "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples}
+    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
+
+
+def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_scale, subject_std):
     """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts.
 
     `swap`: the source is another fact (see swap_partners). `noise`: the source is the clean prompt and
     the target the same prompt with Gaussian noise of `noise_scale` times the subject embeddings' std
-    added to its subject embeddings (the noise itself is drawn from per-example seeds stored here)."""
-    if intervention not in INTERVENTIONS:
-        raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
-    encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
-    encoded, n_too_long = drop_too_long(encoded, max_positions(model.config))
-    baseline_predictions(model, encoded, tokenizer.pad_token_id, batch_size)
-    known = [f for f in encoded if f["top1"] == f["answer"]] if known_only else encoded
-    pairs, no_partner = INTERVENTIONS[intervention](known, examples, seed)
-    counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
-              "dropped_not_known": len(encoded) - len(known), "dropped_no_partner": no_partner,
-              "pairs": len(pairs), "examples_requested": examples}
+    (`subject_std`, over the candidate facts) added to its subject embeddings (the noise itself is drawn
+    from per-example seeds stored here)."""
     log.info("pairs: %s", counts)
     if not pairs:
         raise UserError(f"no pairs left after filtering and pairing ({counts}); use more facts, "
@@ -168,11 +294,10 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     ds.attrs.update({"intervention": intervention, "seed": seed, "known_only": int(known_only),
                      "token_padding": PAD})
     if intervention == "noise":
-        std = subject_embedding_std(model, known)
         ds["noise_seed"] = (ex, np.random.default_rng(seed).integers(2**62, size=len(pairs)),
                             {"description": "seed of the Gaussian noise added to this target's subject embeddings"})
-        ds.attrs.update({"noise_scale": float(noise_scale), "subject_embedding_std": std,
-                         "noise_std": float(noise_scale) * std})
+        ds.attrs.update({"noise_scale": float(noise_scale), "subject_embedding_std": subject_std,
+                         "noise_std": float(noise_scale) * subject_std})
     ds["target_ids"].attrs["description"] = "token ids of the target prompt, padded with -1"
     ds["source_ids"].attrs["description"] = "token ids of the source prompt, padded with -1"
     ds["subject_start"].attrs["description"] = "first subject token (same in target and source)"

@@ -86,19 +86,21 @@ def target_noise(pairs, a, b, width, hidden):
 
 def ablation_values(activation_datasets, sites, value):
     """The ablate intervention's activations per site: zero, or the mean over every example (per layer
-    and slot, i.e. position within the group) of the activations from all extract shards."""
+    and slot, i.e. position within the group) of the activations from all extract shards. Shards may
+    differ in their number of slots (a group's longest span in each): the values have the most."""
     first = activation_datasets[0]
     data = {}
     for s in sites:
         name = f"act_{s.name}"
-        _, layers, slots, hidden = first[name].shape
+        _, layers, _, hidden = first[name].shape
+        slots = max(ds[name].shape[2] for ds in activation_datasets)
         total = np.zeros((layers, slots, hidden), dtype=np.float64)
         count = np.zeros((layers, slots, 1), dtype=np.int64)
         for ds in activation_datasets:
-            arr = ds[name].values.astype(np.float64)
+            arr = ds[name].values.astype(np.float64)  # [example, layer, slot, H]
             present = ~np.isnan(arr[..., :1])
-            total += np.nansum(arr, axis=0)
-            count += present.sum(axis=0)
+            total[:, :arr.shape[2]] += np.nansum(arr, axis=0)
+            count[:, :arr.shape[2]] += present.sum(axis=0)
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         out = np.zeros_like(mean) if value == "zero" else mean
         data[name] = (("layer", f"slot_{s.name}", "hidden"), out.astype(np.float32),

@@ -82,3 +82,35 @@ def weights_sha256(source):
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256s(folder):
+    """{file name: sha256} of every file directly in a local checkpoint folder (weights, config, tokenizer)."""
+    return {f.name: _sha256(f) for f in sorted(Path(folder).expanduser().iterdir())
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_commit(repo_id, revision=None):
+    """The commit that a hub model's revision (default: main) resolves to now, through the local cache
+    when offline; loads then use this commit, so a run does not drift when the repository changes."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    from .errors import UserError
+    try:
+        config_file = cached_file(repo_id, "config.json", revision=revision)
+    except OSError as error:
+        raise UserError(f"could not resolve model '{repo_id}' (revision {revision or 'main'}) on the hub: "
+                        f"{str(error).splitlines()[0]}") from None
+    commit = extract_commit_hash(config_file, None)
+    if not commit:
+        raise UserError(f"could not find the commit of model '{repo_id}' (revision {revision or 'main'})")
+    return commit

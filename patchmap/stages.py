@@ -5,6 +5,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import xarray as xr
 from . import config as cfg
 from . import data, provenance, synthetic
 from .errors import UserError
-from .storage import write_netcdf
+from .storage import atomic_path, write_netcdf
 
 # Every rule starts a fresh Python: the stages that need torch and transformers (seconds to import)
 # import them inside the function, so facts, divergence and plotting jobs start fast.
@@ -66,18 +67,17 @@ def log_where():
              env.get("CUDA_VISIBLE_DEVICES", "(unset)"))
 
 
-def make_facts(config, run_name, out):
-    """results/{run}/facts.jsonl: the synthetic facts, or the dataset file in the project's form."""
-    name = config["runs"][run_name]["dataset"]
-    dataset = config["datasets"][name]
+def make_facts(config, dataset_name, out):
+    """results/datasets/{dataset}/facts.jsonl: the synthetic facts, or the dataset file in the project's form."""
+    dataset = config["datasets"][dataset_name]
     if "synthetic" in dataset:
         rows = synthetic.facts(synthetic.make_world(**dataset["synthetic"]))
     else:
-        path = cfg.dataset_file(config, name)
-        data.check_sha256(path, dataset.get("sha256"), f"dataset '{name}' ({dataset.get('url') or path})")
+        path = cfg.dataset_file(config, dataset_name)
+        data.check_sha256(path, dataset.get("sha256"), f"dataset '{dataset_name}' ({dataset.get('url') or path})")
         rows = data.read_facts(path)
     if not rows:
-        raise UserError(f"dataset '{config['runs'][run_name]['dataset']}' has no facts")
+        raise UserError(f"dataset '{dataset_name}' has no facts")
     data.write_jsonl(rows, out)
     log.info("wrote %d facts to %s", len(rows), out)
 
@@ -92,26 +92,84 @@ def train_model(config, model_name, out):
              summary["question_accuracy"], summary["seconds"])
 
 
-def load_run_model(config, run_name):
+def model_identity(config, model_name, out):
+    """results/models/{model}.json, made once per model: a local checkpoint's weights sha256 (and each
+    file's), or a hub model's resolved commit, which every load then uses (the model is pinned)."""
+    spec = config["models"][model_name]
+    source = cfg.model_dir(config, model_name)
+    identity = {"model": model_name, "source": source, "revision": spec.get("revision") or ""}
+    if Path(source).expanduser().is_dir():
+        identity.update(commit="", weights_sha256=provenance.weights_sha256(source),
+                        files=provenance.file_sha256s(source))
+    else:
+        identity.update(commit=provenance.hub_commit(source, spec.get("revision")), weights_sha256="", files={})
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(identity, indent=2) + "\n")
+    log.info("model %s: %s", model_name, identity["weights_sha256"] or f"commit {identity['commit']}")
+
+
+def read_identity(identity_path):
+    return json.loads(Path(identity_path).read_text())
+
+
+def load_model(config, model_name, dtype, device, identity_path):
+    """The model (at its recorded hub commit, if any) and tokenizer; logs the one `loaded model` line
+    per job that the README's count of model loads refers to."""
+    from . import models
+    spec = config["models"][model_name]
+    source = cfg.model_dir(config, model_name)
+    started = time.perf_counter()
+    model, tokenizer = models.load(source, revision=read_identity(identity_path)["commit"] or spec.get("revision"),
+                                   dtype=dtype, device=device, trust_remote_code=spec.get("trust_remote_code", False),
+                                   allow_pickle=spec.get("allow_pickle", False), device_map=spec.get("device_map"),
+                                   max_memory=spec.get("max_memory"))
+    log.info("loaded model %s in %.1f s", source, time.perf_counter() - started)
+    return model, tokenizer
+
+
+def load_run_model(config, run_name, identity_path):
+    run = config["runs"][run_name]
+    return load_model(config, run["model"], run["dtype"], run["device"], identity_path)
+
+
+def load_run_tokenizer(config, run_name, identity_path):
     from . import models
     run = config["runs"][run_name]
-    model_cfg = config["models"][run["model"]]
-    return models.load(cfg.model_dir(config, run["model"]), revision=model_cfg.get("revision"),
-                       dtype=run["dtype"], device=run["device"],
-                       trust_remote_code=model_cfg.get("trust_remote_code", False),
-                       allow_pickle=model_cfg.get("allow_pickle", False),
-                       device_map=model_cfg.get("device_map"), max_memory=model_cfg.get("max_memory"))
+    spec = config["models"][run["model"]]
+    return models.load_tokenizer(cfg.model_dir(config, run["model"]),
+                                 read_identity(identity_path)["commit"] or spec.get("revision"),
+                                 spec.get("trust_remote_code", False))
 
 
-def make_pairs_file(config, run_name, facts_path, out):
-    from .pairs import make_pairs
+def predictions(config, model_name, dataset_name, dtype, facts_path, identity_path, out):
+    """results/predictions/{model}/{dataset}/{dtype}.nc: every fact's top-1 token and answer probability
+    under the model, made once for all runs on that model, dataset and dtype."""
+    from .pairs import predict_facts
+    run = config["runs"][cfg.predicting_run(config, model_name, dataset_name, dtype)]
+    model, tokenizer = load_model(config, model_name, dtype, run["device"], identity_path)
+    ds = predict_facts(model, tokenizer, data.load_jsonl(facts_path), run["batch_size"])
+    identity = read_identity(identity_path)
+    ds.attrs.update({"title": f"predictions of model '{model_name}' on dataset '{dataset_name}'",
+                     "model": model_name, "model_source": identity["source"],
+                     "model_revision": identity["revision"], "model_commit": identity["commit"],
+                     "model_weights_sha256": identity["weights_sha256"], "dataset": dataset_name,
+                     "facts_sha256": data.sha256_file(facts_path), "dtype": dtype, "device": run["device"]})
+    ds.attrs.update({f"version_{k}": v for k, v in provenance.package_versions().items()})
+    log.info("predicted %d facts; the model's top-1 token is the answer for %d", ds.sizes["fact"],
+             int((ds["top1"] == ds["answer"]).sum()))
+    write_netcdf(ds, out)
+
+
+def make_pairs_file(config, run_name, facts_path, predictions_path, identity_path, out):
+    """results/{run}/pairs.nc from the facts, the shared predictions and the tokenizer (no model)."""
+    from .pairs import pairs_from_predictions
     run = config["runs"][run_name]
-    model, tokenizer = load_run_model(config, run_name)
+    tokenizer = load_run_tokenizer(config, run_name, identity_path)
     facts = data.load_jsonl(facts_path)
-    ds = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
-                    run["missing_subject"], run["batch_size"], run["intervention"], run["noise_scale"])
+    ds = pairs_from_predictions(tokenizer, facts, xr.load_dataset(predictions_path), run["examples"], run["seed"],
+                                run["known_only"], run["missing_subject"], run["intervention"], run["noise_scale"])
     ds.attrs["facts_sha256"] = data.sha256_file(facts_path)
-    ds.attrs["model_commit"] = getattr(model.config, "_commit_hash", None) or ""
+    ds.attrs["model_commit"] = read_identity(identity_path)["commit"]
     write_netcdf(ds, out)
 
 
@@ -122,19 +180,27 @@ def _shard(pairs_path, run, shard):
     return pairs.isel(example=slice(a, b))
 
 
-def extract(config, run_name, pairs_path, shard, out):
-    """Source activations for one shard, at every layer that a patch window of the run's layers touches."""
-    from . import models, patching
+def extracted_layers(run, run_name, n_layers):
+    """Every layer that a patch window of the run's layers touches."""
     from .engine import window_layers
-    run = config["runs"][run_name]
-    model, tokenizer = load_run_model(config, run_name)
-    n_layers = models.n_layers(model)
     layers = cfg.resolve_layers(run["layers"], n_layers, f"runs.{run_name}.layers")
-    layers = sorted({w for layer in layers for w in window_layers(layer, run["window"], n_layers)})
-    pairs = _shard(pairs_path, run, shard)
-    ds = patching.extract_activations(model, pairs, cfg.run_sites(config, run_name), layers,
-                                      run["batch_size"], tokenizer.pad_token_id)
-    write_netcdf(ds, out)
+    return sorted({w for layer in layers for w in window_layers(layer, run["window"], n_layers)})
+
+
+def extract_shard(config, run_name, model, tokenizer, pairs):
+    from . import models, patching
+    run = config["runs"][run_name]
+    layers = extracted_layers(run, run_name, models.n_layers(model))
+    return patching.extract_activations(model, pairs, cfg.run_sites(config, run_name), layers,
+                                        run["batch_size"], tokenizer.pad_token_id)
+
+
+def extract(config, run_name, pairs_path, shard, identity_path, out):
+    """Source activations for one shard, at every layer a patch window touches (the ablate intervention,
+    whose patch jobs need the mean over all shards first)."""
+    model, tokenizer = load_run_model(config, run_name, identity_path)
+    pairs = _shard(pairs_path, config["runs"][run_name], shard)
+    write_netcdf(extract_shard(config, run_name, model, tokenizer, pairs), out)
 
 
 def ablation(config, run_name, activation_paths, out):
@@ -146,43 +212,62 @@ def ablation(config, run_name, activation_paths, out):
     write_netcdf(ds, out)
 
 
-def patch(config, run_name, site_name, pairs_path, acts_path, shard, out, ablation_path=None):
+def patch(config, run_name, pairs_path, shard, identity_path, out, activations_out=None, ablation_path=None):
+    """results/{run}/patch/{shard}.nc: every site of the run on one shard, with one model load. For swap
+    and noise the shard's source activations are extracted first (and written to `activations_out`);
+    ablate patches in the ablation values, knockout needs no activations."""
     from . import models, patching
     run = config["runs"][run_name]
-    model, tokenizer = load_run_model(config, run_name)
+    model, tokenizer = load_run_model(config, run_name, identity_path)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
-    site = next(s for s in cfg.run_sites(config, run_name) if s.name == site_name)
+    sites = cfg.run_sites(config, run_name)
     pairs = _shard(pairs_path, run, shard)
     if run["intervention"] == "ablate":
         acts = patching.broadcast_ablation(xr.load_dataset(ablation_path), pairs)
+    elif run["intervention"] == "knockout":
+        acts = None
     else:
-        acts = xr.load_dataset(acts_path)
-    log.info("patching site %s (%s@%s), shard %s: %d examples x %d layers", site.label, site.component,
-             site.positions, shard, pairs.sizes["example"], len(layers))
-    ds = patching.patch(model, pairs, acts, [site], layers, run["batch_size"], tokenizer.pad_token_id,
-                        cfg.js_base(run), engine=run["engine"], window=run["window"])[site.name]
-    write_netcdf(ds, out)
+        acts = extract_shard(config, run_name, model, tokenizer, pairs)
+        write_netcdf(acts, activations_out)
+    log.info("patching sites %s, shard %s: %d examples x %d layers",
+             ", ".join(f"{s.label} ({s.component}@{s.positions})" for s in sites), shard, pairs.sizes["example"],
+             len(layers))
+    per_site = patching.patch(model, pairs, acts, sites, layers, run["batch_size"], tokenizer.pad_token_id,
+                              cfg.js_base(run), engine=run["engine"], window=run["window"])
+    write_netcdf(stack_sites(per_site, sites), out)
 
 
-def divergence(config, run_name, pairs_path, patch_paths, out):
-    """Merge every site's shards into results/{run}/divergence.nc, with summaries and provenance."""
+def stack_sites(per_site, sites):
+    """One shard's per-site metrics (example x layer each) as one dataset with a `site` dimension (site names)."""
+    ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in sites], dim="site", join="exact")
+    ds = ds.assign_coords(site=[s.name for s in sites], label=("site", [s.label for s in sites]),
+                          component=("site", [s.component for s in sites]),
+                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer")
+    ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})
+    return ds
+
+
+def divergence(config, run_name, pairs_path, patch_paths, identity_path, out):
+    """Merge every shard into results/{run}/divergence.nc, with summaries and provenance."""
     from .aggregate import merge_sites
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
-    per_site = {s.name: [xr.load_dataset(p) for p in patch_paths[s.name]] for s in sites}
+    shards = [xr.load_dataset(p) for p in patch_paths]
+    per_site = {s.name: [ds.drop_vars(["label", "component", "positions"]).sel(site=s.name, drop=True)
+                         for ds in shards] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
     pairs = xr.load_dataset(pairs_path)
     for var in ("target_prompt", "source_prompt", "target_attribute", "source_attribute", "relation"):
         ds.coords[var] = ("example", pairs[var].values)
-    source = cfg.model_dir(config, run["model"])
+    identity = read_identity(identity_path)
     dataset = config["datasets"][run["dataset"]]
     dataset_file = cfg.dataset_file(config, run["dataset"])
     ds.attrs.update(provenance.attributes(
-        config, run_name, model_source=source, weights_sha256=provenance.weights_sha256(source),
+        config, run_name, model_source=identity["source"], weights_sha256=identity["weights_sha256"],
         dataset_sha256=data.sha256_file(dataset_file) if dataset_file else pairs.attrs["facts_sha256"],
         dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
         facts_sha256=pairs.attrs["facts_sha256"]))
-    ds.attrs["model_commit"] = pairs.attrs.get("model_commit", "")
+    ds.attrs["model_commit"] = identity["commit"]
     ds.attrs.update({k: v for k, v in pairs.attrs.items() if k.startswith("count_")})
     write_netcdf(ds, out)
 

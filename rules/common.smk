@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+from pathlib import Path
 
 from patchmap import config as cfg
 from patchmap.errors import UserError
@@ -33,15 +34,41 @@ def run_of(wildcards):
 
 
 def dataset_input(wildcards):
-    """The dataset file a run's facts come from (downloaded first for a url); nothing if synthetic."""
-    path = cfg.dataset_file(config, run_of(wildcards)["dataset"])
+    """The dataset file the facts come from (downloaded first for a url); nothing if synthetic."""
+    path = cfg.dataset_file(config, wildcards.dataset)
     return [path] if path else []
 
 
-def model_input(wildcards):
-    """The trained model directory for a built-in model; nothing for a checkpoint given by path."""
-    name = run_of(wildcards)["model"]
-    return cfg.model_dir(config, name) if "builtin" in config["models"][name] else []
+def facts_file(wildcards):
+    return f"results/datasets/{run_of(wildcards)['dataset']}/facts.jsonl"
+
+
+def model_identity(wildcards):
+    """results/models/{model}.json (rule model_identity): every job that uses a model depends on it."""
+    return cfg.model_identity_file(model_name(wildcards))
+
+
+def model_files(wildcards):
+    """What a model's identity is made from: the trained directory of a built-in model, every file of a
+    local checkpoint folder (so replacing them redoes the results), nothing for a hub id (pinned to the
+    commit it resolves to when first used)."""
+    spec = config["models"][wildcards.model]
+    if "builtin" in spec:
+        return cfg.model_dir(config, wildcards.model)
+    folder = Path(spec["path"]).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(str(f) for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+def predictions_input(wildcards):
+    return cfg.predictions_file(config, wildcards.run)
+
+
+def runs_named(interventions):
+    """A wildcard pattern matching exactly the runs with one of these interventions."""
+    names = [name for name, run in config["runs"].items() if run["intervention"] in interventions]
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def ablation_input(wildcards):
@@ -54,19 +81,24 @@ def shards(run):
 
 
 def patch_files(wildcards):
-    return {
-        site: expand("results/{run}/patch/{site}/{shard}.nc", run=wildcards.run, site=site, shard=shards(wildcards.run))
-        for site in run_of(wildcards)["sites"]
-    }
+    return expand("results/{run}/patch/{shard}.nc", run=wildcards.run, shard=shards(wildcards.run))
 
 
-# Cluster resources of the jobs that run a model (pairs, extract, patch, train_builtin_model), from the
+# Cluster resources of the jobs that run a model (predictions, extract, patch, train_builtin_model), from the
 # model's `resources` block in the config (schema defaults fit the built-in model). Local runs use
-# `cpus` as the job's threads (capped by --cores) and ignore the rest; profiles/slurm turns them into
+# `cpus` as the job's threads (capped by --cores) and `gpu_jobs` against the cap in profiles/default
+# (one GPU job at a time), and ignore the rest; profiles/slurm turns them into
 # sbatch options (--gpus, --cpus-per-task, --mem, -t). A retry (--retries) asks for more memory and time.
 def model_name(wildcards):
     """The model a job runs: its {model} wildcard, or its run's model."""
     return wildcards.model if "model" in wildcards.keys() else run_of(wildcards)["model"]
+
+
+def job_device(wildcards):
+    """The device a job's model runs on: its run's, or for predictions the predicting run's."""
+    if "run" in wildcards.keys():
+        return run_of(wildcards)["device"]
+    return config["runs"][cfg.predicting_run(config, wildcards.model, wildcards.dataset, wildcards.dtype)]["device"]
 
 
 def model_resources(wildcards):
@@ -79,6 +111,17 @@ def model_threads(wildcards):
 
 def model_gpus(wildcards):
     return model_resources(wildcards)["gpus"]
+
+
+def device_gpus(wildcards):
+    """The model's GPUs, or none for a job whose device is cpu (a CPU-only run asks SLURM for no GPU)."""
+    return 0 if job_device(wildcards) == "cpu" else model_gpus(wildcards)
+
+
+def gpu_job(wildcards):
+    """1 for a job that runs its model on GPUs: profiles/default lets one such job run at a time
+    (resources: gpu_jobs=1), so two models never share a card unasked; CPU runs are not held back."""
+    return 0 if job_device(wildcards) == "cpu" else 1
 
 
 def model_mem_mb(wildcards, attempt):

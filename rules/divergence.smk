@@ -1,7 +1,8 @@
 rule divergence:
     input:
-        unpack(patch_files),
+        patches=patch_files,
         pairs="results/{run}/pairs.nc",
+        model=model_identity,
     output:
         "results/{run}/divergence.nc",
     params:

@@ -1,7 +1,9 @@
+# Only the ablate intervention extracts in a job of its own: its patch jobs need the mean over every
+# shard's activations first. swap and noise extract inside each shard's patch job; knockout never does.
 rule extract:
     input:
         pairs="results/{run}/pairs.nc",
-        model=model_input,
+        model=model_identity,
     output:
         "results/{run}/activations/{shard}.nc",
     params:
@@ -11,9 +13,12 @@ rule extract:
         "results/{run}/logs/extract/{shard}.log",
     benchmark:
         "results/{run}/benchmarks/extract/{shard}.tsv"
+    wildcard_constraints:
+        run=runs_named({"ablate"}),
     threads: model_threads
     resources:
-        gpu=model_gpus,
+        gpu=device_gpus,
+        gpu_jobs=gpu_job,
         mem_mb=model_mem_mb,
         runtime=model_runtime,
     conda:

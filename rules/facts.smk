@@ -2,13 +2,13 @@ rule facts:
     input:
         dataset_input,
     output:
-        "results/{run}/facts.jsonl",
+        "results/datasets/{dataset}/facts.jsonl",
     params:
-        dataset=lambda w: config["datasets"][run_of(w)["dataset"]],
+        dataset=lambda w: config["datasets"][w.dataset],
     log:
-        "results/{run}/logs/facts.log",
+        "results/datasets/logs/{dataset}.facts.log",
     benchmark:
-        "results/{run}/benchmarks/facts.tsv"
+        "results/datasets/benchmarks/{dataset}.facts.tsv"
     conda:
         "../envs/patchmap.yaml"
     script:

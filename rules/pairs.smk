@@ -1,7 +1,8 @@
 rule pairs:
     input:
-        facts="results/{run}/facts.jsonl",
-        model=model_input,
+        facts=facts_file,
+        predictions=predictions_input,
+        model=model_identity,
     output:
         "results/{run}/pairs.nc",
     params:
@@ -10,11 +11,6 @@ rule pairs:
         "results/{run}/logs/pairs.log",
     benchmark:
         "results/{run}/benchmarks/pairs.tsv"
-    threads: model_threads
-    resources:
-        gpu=model_gpus,
-        mem_mb=model_mem_mb,
-        runtime=model_runtime,
     conda:
         "../envs/patchmap.yaml"
     script:

@@ -1,21 +1,53 @@
+# One job per shard patches every site of the run, with one model load. swap and noise extract the
+# shard's source activations in the same job (and write them as an output); ablate and knockout do not.
 rule patch:
     input:
         pairs="results/{run}/pairs.nc",
-        activations="results/{run}/activations/{shard}.nc",
-        ablation=ablation_input,
-        model=model_input,
+        model=model_identity,
     output:
-        "results/{run}/patch/{site}/{shard}.nc",
+        patch="results/{run}/patch/{shard}.nc",
+        activations="results/{run}/activations/{shard}.nc",
     params:
         run=run_of,
-        site=lambda w: config["sites"][w.site],
+        sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
     log:
-        "results/{run}/logs/patch/{site}/{shard}.log",
+        "results/{run}/logs/patch/{shard}.log",
     benchmark:
-        "results/{run}/benchmarks/patch/{site}/{shard}.tsv"
+        "results/{run}/benchmarks/patch/{shard}.tsv"
+    wildcard_constraints:
+        run=runs_named({"swap", "noise"}),
     threads: model_threads
     resources:
-        gpu=model_gpus,
+        gpu=device_gpus,
+        gpu_jobs=gpu_job,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+    conda:
+        "../envs/patchmap.yaml"
+    script:
+        "../scripts/patch.py"
+
+
+rule patch_without_extraction:
+    input:
+        pairs="results/{run}/pairs.nc",
+        model=model_identity,
+        ablation=ablation_input,
+    output:
+        patch="results/{run}/patch/{shard}.nc",
+    params:
+        run=run_of,
+        sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
+    log:
+        "results/{run}/logs/patch/{shard}.log",
+    benchmark:
+        "results/{run}/benchmarks/patch/{shard}.tsv"
+    wildcard_constraints:
+        run=runs_named({"ablate", "knockout"}),
+    threads: model_threads
+    resources:
+        gpu=device_gpus,
+        gpu_jobs=gpu_job,
         mem_mb=model_mem_mb,
         runtime=model_runtime,
     conda:

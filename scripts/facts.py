@@ -1,4 +1,4 @@
 from patchmap import stages
 
 with stages.reported_errors(snakemake.log[0]):
-    stages.make_facts(snakemake.config, snakemake.wildcards.run, snakemake.output[0])
+    stages.make_facts(snakemake.config, snakemake.wildcards.dataset, snakemake.output[0])

@@ -32,7 +32,7 @@ def pids_running(fragment):
 
 
 def stop_patch_job_mid_run(workdir, log, timeout=300):
-    """Wait until the patch job of site `mlp` logs that it started patching, freeze it, return its pids."""
+    """Wait until the patch job of shard 0 logs that it started patching, freeze it, return its pids."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if log.exists() and "patching site" in log.read_text():
@@ -54,8 +54,8 @@ def uninterrupted(tmp_path_factory):
 def killed_and_resumed(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("killed")
     write_config(workdir, TWO_RUNS)
-    output = workdir / "results" / "tiny" / "patch" / "mlp" / "0.nc"
-    log = workdir / "results" / "tiny" / "logs" / "patch" / "mlp" / "0.log"
+    output = workdir / "results" / "tiny" / "patch" / "0.nc"
+    log = workdir / "results" / "tiny" / "logs" / "patch" / "0.log"
     run = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -97,10 +97,13 @@ def test_fresh_runs_train_identical_models(uninterrupted, killed_and_resumed):
 
 def test_two_runs_keep_to_their_own_files(uninterrupted):
     results = uninterrupted / "results"
-    assert sorted(p.name for p in results.iterdir()) == ["models", "other", "tiny"]
-    assert sorted(p.name for p in (results / "other" / "patch").iterdir()) == ["attn"]
+    assert sorted(p.name for p in results.iterdir()) == ["datasets", "models", "other", "predictions", "tiny"]
+    assert sorted(p.name for p in (results / "other" / "patch").iterdir()) == ["0.nc"]
     assert (results / "other" / "ablation.nc").exists() and not (results / "tiny" / "ablation.nc").exists()
-    assert sorted(p.name for p in (results / "tiny" / "patch").iterdir()) == ["attn", "mlp", "subj"]
+    assert sorted(p.name for p in (results / "tiny" / "patch").iterdir()) == ["0.nc"]
+    assert list(xr.load_dataset(results / "tiny" / "patch" / "0.nc")["site"].values) == ["subj", "attn", "mlp"]
+    # the two runs share the model's predictions on the dataset (same dtype): one file, one job
+    assert [p.name for p in (results / "predictions" / "tiny" / "tiny-facts").iterdir()] == ["float32.nc"]
     other = xr.load_dataset(results / "other" / "divergence.nc")
     tiny = xr.load_dataset(results / "tiny" / "divergence.nc")
     assert other.attrs["intervention"] == "ablate"

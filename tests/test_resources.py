@@ -15,9 +15,11 @@ CONFIG = {
     "datasets": {"facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
     "sites": {"subj": {"component": "resid", "positions": "subject"}},
     "runs": {"a": {"model": "small", "dataset": "facts", "sites": ["subj"], "examples": 4},
-             "b": {"model": "big", "dataset": "facts", "sites": ["subj"], "examples": 4}},
+             "b": {"model": "big", "dataset": "facts", "sites": ["subj"], "examples": 4, "device": "cuda"},
+             "c": {"model": "big", "dataset": "facts", "sites": ["subj"], "examples": 4, "device": "cuda",
+                   "intervention": "ablate"}},
 }
-MODEL_RULES = {"train_builtin_model", "pairs", "extract", "patch"}
+MODEL_RULES = {"train_builtin_model", "predictions", "extract", "patch", "patch_without_extraction"}
 
 
 def dry_run_jobs(tmp_path):
@@ -43,10 +45,15 @@ def test_model_rules_ask_for_their_models_resources(tmp_path):
     assert {rule for rule, *_ in jobs} >= MODEL_RULES | {"facts", "divergence", "heatmap"}
     for rule, wildcards, resources, threads in jobs:
         if rule in MODEL_RULES:
-            big = "run=b" in wildcards
-            assert resources["gpu"] == ("2" if big else "1"), (rule, wildcards, resources)
+            big = "run=b" in wildcards or "run=c" in wildcards or "model=big" in wildcards
+            # a job asks for GPUs only where its run's device is not cpu (run a: cpu, the default), so the
+            # local cap on GPU jobs leaves CPU runs alone; training always asks for the model's GPUs
+            gpus = "2" if big else ("1" if rule == "train_builtin_model" else "0")
+            assert resources["gpu"] == gpus, (rule, wildcards, resources)
+            if rule != "train_builtin_model":  # the local cap (profiles/default) counts GPU jobs only
+                assert resources["gpu_jobs"] == ("1" if big else "0"), (rule, wildcards, resources)
             assert resources["mem_mb"] == ("64000" if big else "4000"), (rule, wildcards, resources)
             assert resources["runtime"] == ("240" if big else "30"), (rule, wildcards, resources)
             assert threads == (8 if big else 2), (rule, wildcards, threads)
         else:
-            assert "gpu" not in resources, (rule, resources)
+            assert "gpu" not in resources and "gpu_jobs" not in resources, (rule, resources)

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 420  # seconds for one snakemake run; a run whose status checks fail can hang
 # the tiny config of test_workflow.py, with two shards (two GPU group jobs) of two sites, and resources
-# that fit the one-node test cluster (2 CPUs, 2 fake GPUs)
+# that fit the one-node test cluster (2 CPUs, 2 fake GPUs); device auto (not cpu) makes the model jobs ask
+# for a GPU, and runs on the CPU where CUDA finds none
 CONFIG = {
     "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
                                     "train": {"max_steps": 20, "batch_size": 16, "eval_every": 10}},
@@ -32,12 +33,13 @@ CONFIG = {
     "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
               "attn": {"label": "Attn.", "component": "attn", "positions": "last"}},
     "runs": {"tiny": {"model": "tiny", "dataset": "tiny-facts", "sites": ["subj", "attn"],
-                      "examples": 12, "shard_size": 6, "batch_size": 4, "known_only": False}},
+                      "examples": 12, "shard_size": 6, "batch_size": 4, "known_only": False, "device": "auto"}},
 }
 SHARDS, SITES = 2, 2
-GPU_LOGS = ["results/models/logs/tiny.log", "results/tiny/logs/pairs.log", "results/tiny/logs/extract/*.log",
-            "results/tiny/logs/patch/*/*.log"]
-CPU_LOGS = ["results/tiny/logs/facts.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log",
+GPU_LOGS = ["results/models/logs/tiny.log", "results/predictions/logs/tiny/tiny-facts/float32.log",
+            "results/tiny/logs/patch/*.log"]
+CPU_LOGS = ["results/datasets/logs/tiny-facts.facts.log", "results/models/logs/tiny.identity.log",
+            "results/tiny/logs/pairs.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log",
             "results/tiny/logs/lines.log"]
 
 
@@ -113,7 +115,7 @@ def run_with_cancel(workdir, log_path):
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
         while proc.poll() is None and time.monotonic() < deadline and not cancelled:
-            if list((workdir / "results" / "tiny" / "logs").glob("patch/*/*.log")):
+            if list((workdir / "results" / "tiny" / "logs").glob("patch/*.log")):
                 jobs, _ = submitted(Path(log_path).read_text())
                 groups = [j for j, path in jobs.items() if "/group_" in path]
                 running = scontrol_jobs(groups)
@@ -188,7 +190,7 @@ def test_cancelled_run_fails_and_the_rerun_completes(cluster_runs):
     assert code2 == 0, out2[-4000:]
     # the rerun made only what the cancel left unfinished: the cancelled shards, then the summaries
     kinds = sorted(re.search(r"slurm_logs/(rule_\w+|group_\w+)/", path)[1] for path in jobs2.values())
-    assert kinds == sorted(["group_shard_extract_patch"] * len(cluster_runs["cancelled"])
+    assert kinds == sorted(["group_shard_patch"] * len(cluster_runs["cancelled"])
                            + ["rule_divergence", "rule_heatmap", "rule_lines"]), jobs2
 
 
@@ -210,10 +212,12 @@ def test_every_job_went_through_sbatch(cluster_runs):
             expected = "CANCELLED" if job in cluster_runs["cancelled"] else "COMPLETED"
             assert records[job]["JobState"] == expected, records[job]
         all_jobs.update(jobs)
-    # facts, train, pairs and the two shard groups, then the rerun's groups, divergence, heatmap, lines
-    assert len(all_jobs) == 5 + len(cluster_runs["cancelled"]) + 3
+    # facts, train, model identity, predictions, pairs and the two shard groups, then the rerun's groups,
+    # divergence, heatmap, lines
+    assert len(all_jobs) == 7 + len(cluster_runs["cancelled"]) + 3
     logs = [p for p in (cluster_runs["cluster"] / "results").rglob("logs/**/*.log")]
-    assert len(logs) == 4 + 1 + 1 + SHARDS * (1 + SITES)  # facts/divergence/heatmap/lines, train, pairs, shards
+    # facts/divergence/heatmap/lines, train, identity, predictions, pairs, one patch job per shard
+    assert len(logs) == 4 + 1 + 1 + 1 + 1 + SHARDS
     for log in logs:
         where = re.search(r"SLURM job (\d+)", log.read_text())
         assert where and int(where[1]) in all_jobs, f"{log} was not written in a SLURM job of this test"
@@ -236,12 +240,13 @@ def test_gpu_rules_got_a_gpu(cluster_runs):
     for job in gpu_jobs & set(seen):
         assert "gpu:1" in seen[job].get("TresPerJob", ""), seen[job]
     assert gpu_jobs & set(seen), "slurmctld forgot every GPU job before the check"
-    # one GPU job per shard: the shard's extract and its patch jobs share one SLURM job
+    # one GPU job per shard, in which every site is patched after one model load
+    ids = set()
     for shard in range(SHARDS):
-        ids = {re.search(r"SLURM job (\d+)", p.read_text())[1]
-               for p in [cluster / f"results/tiny/logs/extract/{shard}.log",
-                         *cluster.glob(f"results/tiny/logs/patch/*/{shard}.log")]}
-        assert len(ids) == 1, (shard, ids)
+        text = (cluster / f"results/tiny/logs/patch/{shard}.log").read_text()
+        ids.add(re.search(r"SLURM job (\d+)", text)[1])
+        assert text.count("loaded model") == 1 and re.search(r"patching sites Subj\. .*Attn\. ", text), text
+    assert len(ids) == SHARDS, ids
 
 
 def test_results_equal_a_local_run_bit_for_bit(cluster_runs):

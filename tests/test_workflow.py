@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
-from workflow_utils import TINY, finished_workflow, snakemake, write_config
+from workflow_utils import TINY, count_model_loads, finished_workflow, snakemake, write_config
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,15 @@ def finished_run(tmp_path_factory):
 
 def test_writes_the_heatmap_and_divergence(finished_run):
     out = finished_run / "results" / "tiny"
-    for name in ("heatmap.png", "heatmap.pdf", "divergence.nc", "pairs.nc", "facts.jsonl"):
+    for name in ("heatmap.png", "heatmap.pdf", "divergence.nc", "pairs.nc"):
         assert (out / name).stat().st_size > 0, name
+    assert (finished_run / "results" / "datasets" / "tiny-facts" / "facts.jsonl").stat().st_size > 0
+    assert (finished_run / "results" / "predictions" / "tiny" / "tiny-facts" / "float32.nc").stat().st_size > 0
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "heatmap.pdf").read_bytes()[:5] == b"%PDF-"
-    assert sorted(p.name for p in (out / "patch" / "attn").iterdir()) == ["0.nc", "1.nc", "2.nc"]
+    # one patch job per shard, every site in it, and the swap run's activations written beside it
+    assert sorted(p.name for p in (out / "patch").iterdir()) == ["0.nc", "1.nc", "2.nc"]
+    assert sorted(p.name for p in (out / "activations").iterdir()) == ["0.nc", "1.nc", "2.nc"]
     model_dir = finished_run / "results" / "models" / "tiny"
     assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
 
@@ -50,6 +54,13 @@ def test_divergence_is_labelled(finished_run):
     assert yaml.safe_load(attrs["config_yaml"])["run"]["tiny"]["examples"] == 12
     assert attrs["version_torch"] and attrs["version_transformers"] and attrs["version_patchmap"]
     assert attrs["count_pairs"] == 12
+
+
+def test_model_loads_follow_the_readme_formula(finished_run):
+    """README, "Jobs and model loads": one load per (model, dataset, dtype) for the predictions, plus one per
+    shard for a swap run. TINY has 12 examples in shards of 5: 3 shards, so 1 + 3 loads."""
+    assert count_model_loads(finished_run) == 1 + 3
+    assert "loaded model" not in (finished_run / "results" / "tiny" / "logs" / "pairs.log").read_text()
 
 
 def test_second_run_has_nothing_to_do(finished_run):

@@ -1,5 +1,6 @@
 """Running the workflow through the `snakemake` command in a temporary directory."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,11 @@ def finished_workflow(tmp_path_factory, name, config):
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
+
+
+LOADED = re.compile(r"loaded model (.+) in ([0-9.]+) s")
+
+
+def count_model_loads(workdir):
+    """The `loaded model <source> in <seconds> s` lines in every job log of a finished workflow."""
+    return sum(len(LOADED.findall(log.read_text())) for log in (workdir / "results").rglob("logs/**/*.log"))
