@@ -95,8 +95,10 @@ def train_model(config, model_name, out):
 def model_identity(config, model_name, out):
     """results/models/{model}.json, made once per model: a local checkpoint's weights sha256 (and each
     file's), or a hub model's resolved commit, which every load then uses (the model is pinned)."""
+    from .models import check_model_source
     spec = config["models"][model_name]
     source = cfg.model_dir(config, model_name)
+    check_model_source(source, spec.get("revision"), spec.get("allow_pickle", False))  # a broken folder stops here
     identity = {"model": model_name, "source": source, "revision": spec.get("revision") or ""}
     if Path(source).expanduser().is_dir():
         identity.update(commit="", weights_sha256=provenance.weights_sha256(source),

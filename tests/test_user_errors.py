@@ -232,8 +232,8 @@ def test_broken_model_folder_in_the_workflow(tmp_path):
     write_config(tmp_path, config)
     result = snakemake(tmp_path, "results/r/pairs.nc")
     assert_one_clear_line(result, "patchmap: model folder 'empty-model' is empty")
-    assert "model folder 'empty-model' is empty" in (tmp_path / "results/r/logs/pairs.log").read_text()
-    assert trusted_results(tmp_path) == ["r/facts.jsonl"]
+    assert "model folder 'empty-model' is empty" in (tmp_path / "results/models/logs/m.identity.log").read_text()
+    assert trusted_results(tmp_path) == ["datasets/d/facts.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_bad_dataset_in_the_workflow(tmp_path, dataset, content, expected):
     config["datasets"]["d"] = {k: (tmp_path / "facts.jsonl").as_uri() if v == "FILE_URL" else v
                                for k, v in dataset.items()}
     write_config(tmp_path, config)
-    result = snakemake(tmp_path, "results/r/facts.jsonl")
+    result = snakemake(tmp_path, "results/datasets/d/facts.jsonl")
     assert_one_clear_line(result, expected)
     logs = "".join(p.read_text() for p in (tmp_path / "results").rglob("logs/*.log"))
     assert expected in logs
@@ -498,12 +498,12 @@ def test_unexpected_error_in_a_job_is_in_its_log(tmp_path):
     (tmp_path / "facts.jsonl").write_text(json.dumps(GOOD_FACT) + "\n")
     write_config(tmp_path, PATH_RUN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(snakemake_command(tmp_path, "results/r/facts.jsonl"), capture_output=True, text=True,
+    result = subprocess.run(snakemake_command(tmp_path, "results/datasets/d/facts.jsonl"), capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode != 0
-    log_text = (tmp_path / "results" / "r" / "logs" / "facts.log").read_text()
+    log_text = (tmp_path / "results" / "datasets" / "logs" / "d.facts.log").read_text()
     assert "Traceback (most recent call last)" in log_text and "ZeroDivisionError: a bug in read_facts" in log_text
-    assert "the traceback is in results/r/logs/facts.log" in result.stderr
+    assert "the traceback is in results/datasets/logs/d.facts.log" in result.stderr
     assert trusted_results(tmp_path) == []
 
 
@@ -514,11 +514,11 @@ def test_after_kill_9_the_rerun_says_unlock_and_then_runs(tmp_path):
     os.mkfifo(tmp_path / "facts.fifo")  # the facts job blocks reading it: snakemake is caught mid-run
     config["datasets"]["d"]["path"] = "facts.fifo"
     write_config(tmp_path, config)
-    run = subprocess.Popen(snakemake_command(tmp_path, "results/r/facts.jsonl"), stdout=subprocess.DEVNULL,
+    run = subprocess.Popen(snakemake_command(tmp_path, "results/datasets/d/facts.jsonl"), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "results" / "r" / "logs" / "facts.log").exists():
+        while not (tmp_path / "results" / "datasets" / "logs" / "d.facts.log").exists():
             assert time.time() < deadline and run.poll() is None, "the facts job never started"
             time.sleep(0.1)
         assert list((tmp_path / ".snakemake" / "locks").iterdir())
@@ -528,9 +528,9 @@ def test_after_kill_9_the_rerun_says_unlock_and_then_runs(tmp_path):
         run.wait()
     (tmp_path / "facts.fifo").unlink()
     (tmp_path / "facts.fifo").write_text(json.dumps(GOOD_FACT) + "\n")
-    again = snakemake(tmp_path, "results/r/facts.jsonl")
+    again = snakemake(tmp_path, "results/datasets/d/facts.jsonl")
     assert again.returncode != 0 and "--unlock" in again.stderr
     assert snakemake(tmp_path, "--unlock").returncode == 0
-    resumed = snakemake(tmp_path, "results/r/facts.jsonl")
+    resumed = snakemake(tmp_path, "results/datasets/d/facts.jsonl")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert data.load_jsonl(tmp_path / "results" / "r" / "facts.jsonl")[0]["subject"] == "Abel Bran"
+    assert data.load_jsonl(tmp_path / "results" / "datasets" / "d" / "facts.jsonl")[0]["subject"] == "Abel Bran"
