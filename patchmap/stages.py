@@ -114,14 +114,20 @@ def read_identity(identity_path):
     return json.loads(Path(identity_path).read_text())
 
 
-def load_model(config, model_name, dtype, device, identity_path):
+def pinned_revision(spec, identity_path):
+    """The hub commit recorded by model_identity (the model is pinned to it), else the config's revision."""
+    commit = read_identity(identity_path)["commit"] if identity_path else ""
+    return commit or spec.get("revision")
+
+
+def load_model(config, model_name, dtype, device, identity_path=None):
     """The model (at its recorded hub commit, if any) and tokenizer; logs the one `loaded model` line
     per job that the README's count of model loads refers to."""
     from . import models
     spec = config["models"][model_name]
     source = cfg.model_dir(config, model_name)
     started = time.perf_counter()
-    model, tokenizer = models.load(source, revision=read_identity(identity_path)["commit"] or spec.get("revision"),
+    model, tokenizer = models.load(source, revision=pinned_revision(spec, identity_path),
                                    dtype=dtype, device=device, trust_remote_code=spec.get("trust_remote_code", False),
                                    allow_pickle=spec.get("allow_pickle", False), device_map=spec.get("device_map"),
                                    max_memory=spec.get("max_memory"))
@@ -129,7 +135,7 @@ def load_model(config, model_name, dtype, device, identity_path):
     return model, tokenizer
 
 
-def load_run_model(config, run_name, identity_path):
+def load_run_model(config, run_name, identity_path=None):
     run = config["runs"][run_name]
     return load_model(config, run["model"], run["dtype"], run["device"], identity_path)
 
@@ -139,7 +145,7 @@ def load_run_tokenizer(config, run_name, identity_path):
     run = config["runs"][run_name]
     spec = config["models"][run["model"]]
     return models.load_tokenizer(cfg.model_dir(config, run["model"]),
-                                 read_identity(identity_path)["commit"] or spec.get("revision"),
+                                 pinned_revision(spec, identity_path),
                                  spec.get("trust_remote_code", False))
 
 
