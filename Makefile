@@ -2,18 +2,21 @@
 # Each creates .venv and installs the project into it the first time.
 PYTHON ?= python3
 VENV ?= .venv
-# The torch build to install first. 2.13.0 is what the suite is run with; `make TORCH=torch` takes the
-# newest release the project allows (a CUDA build on Linux).
-TORCH ?= torch==2.13.0
+# The tested pins (one source: envs/patchmap.yaml pins the same, tests/test_envs.py checks it).
+TESTED := constraints/tested.txt
+# The torch build to install first: the tested one (the CPU build on this machine's disk);
+# `make TORCH=torch` takes the newest release the project allows instead (a CUDA build on Linux).
+TORCH ?= $(shell grep '^torch==' $(TESTED))
 CORES ?= all
 
-.PHONY: run test install clean
+.PHONY: run test test-ends install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(TESTED)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	grep -v '^torch==' $(TESTED) > $(VENV)/constraints.txt  # torch: whichever TORCH installed
+	$(VENV)/bin/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +26,10 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges (.ci/ends.sh)
+test-ends: install
+	FLOORS_PYTHON=$(VENV)/bin/python bash .ci/ends.sh
 
 clean:
 	rm -rf results/models results/default .snakemake

@@ -1,5 +1,6 @@
-"""The conda environments of the rules: every rule has one, the specs parse, the pins agree with the
-Python install (pyproject.toml and this venv), and (where `conda` exists) they really build."""
+"""The conda environments of the rules: every rule has one, the specs parse, the pins are the tested pins
+(constraints/tested.txt, which also agree with pyproject.toml and this venv), every dependency has a floor
+that CI can test (.ci/floors.py), and (where `conda` exists) the envs really build."""
 
 import os
 import re
@@ -17,6 +18,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
+TESTED = REPO / "constraints" / "tested.txt"
+OUTSIDE_THE_ENV = {"snakemake"}  # runs the rules from outside the env, so the env does not pin it
 SELF_INSTALL = "-e ${PATCHMAP_ROOT}"  # patchmap itself; rules/common.smk sets PATCHMAP_ROOT
 CONFIG = {
     "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64}}},
@@ -41,6 +44,11 @@ def env_specs(path):
 
 def pinned(pip_specs):
     return {canonicalize_name(r.name): r for r in map(Requirement, (s for s in pip_specs if s != SELF_INSTALL))}
+
+
+def tested_pins():
+    lines = [line.split("#")[0].strip() for line in TESTED.read_text().splitlines()]
+    return pinned([line for line in lines if line])
 
 
 def project():
@@ -84,6 +92,41 @@ def test_specs_parse(path):
         if spec != SELF_INSTALL:
             Requirement(spec)
     assert SELF_INSTALL in pip, "the env must install patchmap itself"
+
+
+@pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
+def test_env_pins_are_the_tested_pins(path):
+    _, _, pip = env_specs(path)
+    env = {name: str(req) for name, req in pinned(pip).items()}
+    tested = {name: str(req) for name, req in tested_pins().items() if name not in OUTSIDE_THE_ENV}
+    assert env == tested, f"{path.name} and {TESTED.name} differ: copy the pins of {TESTED.name}"
+
+
+def test_tested_pins_are_in_range_and_installed_here():
+    pins = tested_pins()
+    for name, req in pins.items():
+        assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", f"{req}: pin with =="
+    for dep in map(Requirement, project()["dependencies"]):
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{TESTED.name} does not pin {dep.name} (pyproject: {dep})"
+        version = Version(str(next(iter(pins[name].specifier)).version))
+        assert dep.specifier.contains(version, prereleases=True), f"{pins[name]} is outside pyproject's {dep}"
+        installed = Version(metadata.version(dep.name))
+        assert installed.public == version.public, (
+            f"{TESTED.name} pins {pins[name]} but this install has {dep.name} {installed}: update one of them")
+    extra = set(pins) - {canonicalize_name(Requirement(d).name) for d in project()["dependencies"]}
+    assert not extra, f"{TESTED.name} pins packages pyproject does not depend on: {sorted(extra)}"
+
+
+def test_every_dependency_has_a_floor_ci_can_pin():
+    """.ci/floors.py (the lowest-versions CI environment) pins each dependency at its declared floor."""
+    result = subprocess.run([sys.executable, str(REPO / ".ci" / "floors.py"), "--torch", "torch==2.13.0"],
+                            capture_output=True, text=True, check=True)
+    floors = {canonicalize_name(Requirement(line).name): Requirement(line) for line in result.stdout.split()}
+    for dep in map(Requirement, project()["dependencies"]):
+        req = floors[canonicalize_name(dep.name)]
+        version = Version(next(iter(req.specifier)).version)
+        assert dep.specifier.contains(version), f"floor {req} is outside pyproject's {dep}"
 
 
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
