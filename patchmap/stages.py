@@ -24,7 +24,8 @@ log = logging.getLogger("patchmap")
 
 @contextmanager
 def reported_errors(log_path=None):
-    """Set up logging to the rule's log file; turn a UserError into one line and exit status 1. Any other
+    """Set up logging to the rule's log file; turn a UserError into one line (in the log file if there is
+    one, else on the terminal) and exit status 1. Any other
     exception is a bug: its traceback goes into the log file (where cluster users look, and which
     Snakemake shows after a failed job), and the terminal gets one line pointing there; without a log
     file the exception propagates as usual."""
@@ -40,7 +41,9 @@ def reported_errors(log_path=None):
     try:
         yield
     except UserError as e:
-        log.error("patchmap: %s", e)
+        # with a log file the line goes there only: Snakemake shows a failed job's log on the terminal
+        # (show-failed-logs, profiles/default), so the terminal gets it once
+        log.error("patchmap: %s", e, extra={"log_file_only": bool(log_path)})
         sys.exit(1)
     except Exception as e:
         if not log_path:
