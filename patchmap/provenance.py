@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .data import sha256_file
+
 PACKAGES = ("patchmap", "torch", "transformers", "tokenizers", "numpy", "xarray", "netCDF4", "scipy", "snakemake")
 
 
@@ -86,16 +88,8 @@ def weights_sha256(source):
 
 def file_sha256s(folder):
     """{file name: sha256} of every file directly in a local checkpoint folder (weights, config, tokenizer)."""
-    return {f.name: _sha256(f) for f in sorted(Path(folder).expanduser().iterdir())
+    return {f.name: sha256_file(f) for f in sorted(Path(folder).expanduser().iterdir())
             if f.is_file() and not f.name.startswith(".")}
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hub_commit(repo_id, revision=None):

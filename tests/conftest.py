@@ -6,6 +6,15 @@ from patchmap import models, synthetic
 from patchmap.builtin import llama_config, word_tokenizer
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's waiting makes them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def world():
     return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)

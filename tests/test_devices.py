@@ -15,6 +15,8 @@ from patchmap.fast import FastEngine
 from patchmap.pairs import make_pairs
 from patchmap.sites import Site
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 1e-5
 SITES = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
          Site("last", "Last.", "resid", "last"), Site("mlp", "MLP", "mlp", "subject_last")]
@@ -40,19 +42,6 @@ OFFLOADED = {
     "gpt2": {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "disk",
              "transformer.h.1": "cpu", "transformer.h.2": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
 
 
 def _checkpoint(family, world, directory):

@@ -18,6 +18,7 @@ from patchmap.pairs import make_pairs
 from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
 from tolerances import assert_datasets_close
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
 INIT = 0.3  # large random weights: sharp, very different next-token distributions, so differences show
 
@@ -60,20 +61,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's waiting makes them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family_world():
-    return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
-
-
 def _save_and_load(name, world, directory):
     torch.manual_seed(0)
     tokenizer = word_tokenizer(synthetic.vocabulary(world))
@@ -86,17 +73,17 @@ def _save_and_load(name, world, directory):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_model(request, tmp_path_factory, family_world):
-    return _save_and_load(request.param, family_world, tmp_path_factory.mktemp(request.param))
+def family_model(request, tmp_path_factory, world):
+    return _save_and_load(request.param, world, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
-def load_family(tmp_path_factory, family_world):
+def load_family(tmp_path_factory, world):
     loaded = {}
 
     def load(name):
         if name not in loaded:
-            loaded[name] = _save_and_load(name, family_world, tmp_path_factory.mktemp(name))
+            loaded[name] = _save_and_load(name, world, tmp_path_factory.mktemp(name))
         return loaded[name]
     return load
 
@@ -123,9 +110,9 @@ def _assert_same(reference, fast):
     assert_datasets_close(reference, fast)
 
 
-def test_fast_equals_reference_for_every_site(family_model, family_world):
+def test_fast_equals_reference_for_every_site(family_model, world):
     model, tokenizer = family_model
-    pairs = _pairs(model, tokenizer, family_world)
+    pairs = _pairs(model, tokenizer, world)
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
     reference, fast = _both(model, tokenizer, pairs, ALL_SITES)
     _assert_same(reference, fast)
@@ -133,9 +120,9 @@ def test_fast_equals_reference_for_every_site(family_model, family_world):
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
 
 
-def test_without_the_span_path_and_with_it_the_subject_row_agrees(family_world, load_family):
+def test_without_the_span_path_and_with_it_the_subject_row_agrees(world, load_family):
     model, tokenizer = load_family("qwen2")
-    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [s for s in ALL_SITES if s.component == "resid"]
     layers = list(range(models.n_layers(model)))
     acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
@@ -176,9 +163,9 @@ def _engines_agree(model, tokenizer, pairs, acts, sites, layers, batch_size, win
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
-def test_fast_equals_reference_for_noise_and_ablation(family_world, load_family, family, intervention):
+def test_fast_equals_reference_for_noise_and_ablation(world, load_family, family, intervention):
     model, tokenizer = load_family(family)
-    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, intervention, ALL_SITES, 8, 1, 4)
+    pairs, layers, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 8, 1, 4)
     reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 4)
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
     # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
@@ -187,11 +174,11 @@ def test_fast_equals_reference_for_noise_and_ablation(family_world, load_family,
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("intervention", ["swap", "noise", "ablate-mean"])
-def test_fast_equals_reference_with_a_patch_window(family_world, load_family, family, intervention):
+def test_fast_equals_reference_with_a_patch_window(world, load_family, family, intervention):
     """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
     blocks) on every component and position group."""
     model, tokenizer = load_family(family)
-    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, intervention, ALL_SITES, 6, 2, 3)
+    pairs, layers, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 6, 2, 3)
     for window in (2, 3):
         _, fast, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 3, window)
         assert engine.stats["patched_runs"] > 0
@@ -201,11 +188,11 @@ def test_fast_equals_reference_with_a_patch_window(family_world, load_family, fa
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
-def test_fast_equals_reference_for_attention_knockout(family_world, load_family, family):
+def test_fast_equals_reference_for_attention_knockout(world, load_family, family):
     """Knockout: the last position's attention to each position group blocked, in windows of 1 and 3."""
     model, tokenizer = load_family(family)
     sites = [s for s in ALL_SITES if s.component == "attn" and s.positions != "all"]  # knockout ignores the component
-    pairs, layers, acts = _intervention_job(model, tokenizer, family_world, "knockout", sites, 6, 2, 3)
+    pairs, layers, acts = _intervention_job(model, tokenizer, world, "knockout", sites, 6, 2, 3)
     for window in (1, 3):
         reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, sites, layers, 3, window)
         assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
@@ -215,9 +202,9 @@ def test_fast_equals_reference_for_attention_knockout(family_world, load_family,
         patching.patch(model, pairs, acts, everything, layers, 3, tokenizer.pad_token_id, progress=False)
 
 
-def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(family_world, load_family):
+def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(world, load_family):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, family_world, examples=4)
+    pairs = _pairs(model, tokenizer, world, examples=4)
     site = [Site("last", "Last.", "resid", "last")]
     acts = patching.extract_activations(model, pairs, site, [1], 4, tokenizer.pad_token_id, False)
     with pytest.raises(UserError, match=r"no source activations at layers \[0, 2\]"):
@@ -232,9 +219,9 @@ def test_layout_modules_exist_and_are_distinct(family_model):
     assert models.final_modules(model), "every family has a final norm"
 
 
-def test_padded_batch_equals_one_at_a_time(family_world, load_family):
+def test_padded_batch_equals_one_at_a_time(world, load_family):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, family_world, examples=12, seed=2)
+    pairs = _pairs(model, tokenizer, world, examples=12, seed=2)
     assert len(set(pairs["length"].values.tolist())) > 1
     layers = list(range(models.n_layers(model)))
     acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 12, tokenizer.pad_token_id, False)
@@ -243,9 +230,9 @@ def test_padded_batch_equals_one_at_a_time(family_world, load_family):
     assert_datasets_close(alone, together)
 
 
-def test_small_chunks_and_a_layer_subset_give_the_same_numbers(family_world, load_family):
+def test_small_chunks_and_a_layer_subset_give_the_same_numbers(world, load_family):
     model, tokenizer = load_family("gpt2")
-    pairs = _pairs(model, tokenizer, family_world, examples=6)
+    pairs = _pairs(model, tokenizer, world, examples=6)
     sites, layers = ALL_SITES[::4], [2, 0]
     acts = patching.extract_activations(model, pairs, sites, layers, 6, tokenizer.pad_token_id, False)
     reference = patching.patch(model, pairs, acts, sites, layers, 6, tokenizer.pad_token_id, progress=False,
@@ -255,9 +242,9 @@ def test_small_chunks_and_a_layer_subset_give_the_same_numbers(family_world, loa
     _assert_same(reference, fast)
 
 
-def test_out_of_memory_backs_off_without_changing_results(family_world, load_family, caplog):
+def test_out_of_memory_backs_off_without_changing_results(world, load_family, caplog):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [ALL_SITES[0], ALL_SITES[7]]
     layers = list(range(models.n_layers(model)))
     acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
@@ -272,9 +259,9 @@ def test_out_of_memory_backs_off_without_changing_results(family_world, load_fam
     assert_datasets_close(plain, backed_off)
 
 
-def test_the_reference_engine_halves_a_batch_on_out_of_memory(family_world, load_family, caplog, monkeypatch):
+def test_the_reference_engine_halves_a_batch_on_out_of_memory(world, load_family, caplog, monkeypatch):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [ALL_SITES[0]]
     layers = list(range(models.n_layers(model)))
     acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
@@ -321,7 +308,7 @@ def test_config_chooses_the_engine():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(family_world, load_family, family):
+def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(world, load_family, family):
     """benchmarks/flops.py: the exact-work floor is a lower bound of any exact engine, so it must not exceed
     what the fast engine's counters say it computed, nor that the reference's full forwards."""
     spec = importlib.util.spec_from_file_location("flops", Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py")
@@ -329,7 +316,7 @@ def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(family_world, lo
     spec.loader.exec_module(flops)
 
     model, tokenizer = load_family(family)
-    pairs = _pairs(model, tokenizer, family_world, examples=8)
+    pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("last", "Last.", "resid", "last")]
     layers = list(range(models.n_layers(model)))
