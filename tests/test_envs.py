@@ -46,7 +46,7 @@ def pinned(pip_specs):
     return {canonicalize_name(r.name): r for r in map(Requirement, (s for s in pip_specs if s != SELF_INSTALL))}
 
 
-def tested_pins():
+def pins_of_tested_file():
     lines = [line.split("#")[0].strip() for line in TESTED.read_text().splitlines()]
     return pinned([line for line in lines if line])
 
@@ -98,12 +98,12 @@ def test_specs_parse(path):
 def test_env_pins_are_the_tested_pins(path):
     _, _, pip = env_specs(path)
     env = {name: str(req) for name, req in pinned(pip).items()}
-    tested = {name: str(req) for name, req in tested_pins().items() if name not in OUTSIDE_THE_ENV}
+    tested = {name: str(req) for name, req in pins_of_tested_file().items() if name not in OUTSIDE_THE_ENV}
     assert env == tested, f"{path.name} and {TESTED.name} differ: copy the pins of {TESTED.name}"
 
 
 def test_tested_pins_are_in_range_and_installed_here():
-    assert_pins_match_the_install(tested_pins(), TESTED.name)
+    assert_pins_match_the_install(pins_of_tested_file(), TESTED.name)
 
 
 def assert_pins_match_the_install(pins, where, unpinned=()):
