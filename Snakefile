@@ -5,8 +5,18 @@ min_version("9.0")
 
 
 # The built-in default, unless the command line names config files of its own (--configfile),
-# which then stand alone rather than being merged into the default's runs.
+# which then stand alone rather than being merged into the default's runs. It is read once strictly first,
+# so that a YAML mistake in it is one patchmap: line rather than Snakemake's message without a line number.
 if not workflow.overwrite_configfiles:
+    import sys
+
+    from patchmap.config import load_yaml
+    from patchmap.errors import UserError
+
+    try:
+        load_yaml("config/config.yaml")
+    except UserError as error:
+        sys.exit(f"patchmap: {error}")
 
     configfile: "config/config.yaml"
 

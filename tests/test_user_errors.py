@@ -407,6 +407,9 @@ def test_workflow_refuses_duplicate_keys_and_shared_folder_names(tmp_path, how):
         result = snakemake(tmp_path, "--dry-run", "--configfile", str(tmp_path / "mine.yaml"))
         assert_one_clear_line(result, "mine.yaml: line ")
     assert "key 'r' is defined twice" in result.stderr
+    if how == "default":  # a YAML syntax error in the default config file: one line with its line number
+        (tmp_path / "config" / "config.yaml").write_text(text.replace("runs:\n", "runs:\n  bad: [\n", 1))
+        assert_one_clear_line(snakemake(tmp_path, "--dry-run"), "patchmap: config/config.yaml: not valid YAML at line")
     shared = copy.deepcopy(PATH_RUN)
     shared["runs"]["figures"] = shared["runs"].pop("r")
     write_config(tmp_path, shared)
