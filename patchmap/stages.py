@@ -104,8 +104,8 @@ def model_identity(config, model_name, out):
     check_model_source(source, spec.get("revision"), spec.get("allow_pickle", False))  # a broken folder stops here
     identity = {"model": model_name, "source": source, "revision": spec.get("revision") or ""}
     if Path(source).expanduser().is_dir():
-        identity.update(commit="", weights_sha256=provenance.weights_sha256(source),
-                        files=provenance.file_sha256s(source))
+        weights, files = provenance.checkpoint_sha256s(source)
+        identity.update(commit="", weights_sha256=weights, files=files)
     else:
         identity.update(commit=provenance.hub_commit(source, spec.get("revision")), weights_sha256="", files={})
     with atomic_path(out) as tmp:
