@@ -26,14 +26,15 @@ RUN = "patch_heatmap"  # the name of the run that the arguments make up, for the
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
                   js_base=2, known_only=True, intervention="swap", noise_scale=3.0, value="mean", window=1,
-                  progress=True, engine="fast"):
+                  progress=True, engine="fast", pairing="subject"):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
-    `engine` is "fast" (the default) or "reference", as in a run's config. The arguments are checked as
+    `engine` is "fast" (the default) or "reference", and `pairing` "subject" (the default) or "relation",
+    as in a run's config. The arguments are checked as
     a run of the workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
     run = {"layers": layers, "examples": examples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
            "known_only": known_only, "intervention": intervention, "noise_scale": noise_scale, "value": value,
-           "window": window, "engine": engine}
+           "window": window, "engine": engine, "pairing": pairing}
     run, site_specs = check_arguments(run, DEFAULT_SITES if sites is None else sites)
     facts = data.check_facts(_as_list(facts), "patch_heatmap: argument facts")
     check_model_and_tokenizer(model, tokenizer)
@@ -41,7 +42,8 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     base = cfg.js_base(run)
     layers = resolve_layers(run["layers"], models.n_layers(model), "patch_heatmap: argument layers")
     pairs = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
-                       batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"])
+                       batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"],
+                       pairing=run["pairing"])
     extracted = sorted({w for l in layers for w in window_layers(l, run["window"], models.n_layers(model))})
     acts = (None if run["intervention"] == "knockout" else  # knockout patches no activations in
             patching.extract_activations(model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id,

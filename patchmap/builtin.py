@@ -1,8 +1,16 @@
-"""Train the built-in model: a small Llama on the synthetic world, saved like any Hugging Face checkpoint."""
+"""Train the built-in model: a small Llama on the synthetic world, saved like any Hugging Face checkpoint.
 
+Training is the same bit for bit wherever it runs: on the CPU, with one thread and deterministic
+algorithms, seeded. The default model's trained weights ship with the package (patchmap/pretrained/),
+and are used instead of training when a config asks for exactly the spec they were trained from."""
+
+import hashlib
 import json
 import logging
+import math
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +20,12 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import synthetic
+from .errors import UserError
 from .storage import atomic_directory
 
 log = logging.getLogger(__name__)
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+TRAINING_THREADS = 1  # a tiny model gains nothing from more, and one thread fixes the float sums' order
 
 
 def word_tokenizer(vocab):
@@ -62,19 +73,74 @@ def question_accuracy(model, world, tokenizer):
     return correct / total
 
 
-def train_builtin(out_dir, world_settings, model_settings, train_settings):
-    """Train until the question prompts are answered (or the step budget is spent); save the model."""
+def weights_sha256(state_dict):
+    """sha256 of the weights: every tensor's name and raw bytes, in name order (independent of the
+    file format, so a saved checkpoint and the model in memory give the same hash)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def saved_weights_sha256(model_dir):
+    from safetensors.torch import load_file
+    return weights_sha256(load_file(Path(model_dir) / "model.safetensors"))
+
+
+def training_spec(world_settings, model_settings, train_settings):
+    """Everything the trained weights follow from, as plain JSON values."""
+    return json.loads(json.dumps({"world": world_settings, "shape": model_settings, "train": train_settings},
+                                 sort_keys=True))
+
+
+@contextmanager
+def deterministic_cpu():
+    """One torch thread, deterministic algorithms and a forked global RNG; the caller's settings are
+    restored afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAINING_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def train_builtin(out_dir, world_settings, model_settings, train_settings, name="builtin"):
+    """Train on the CPU until every question prompt is answered; save the model, tokenizer and
+    training.json (with the spec and the weights' sha256). Reaching the step cap first is a UserError,
+    and nothing is written."""
+    with deterministic_cpu():
+        model, tokenizer, summary = train_deterministic(world_settings, model_settings, train_settings)
+    target = train_settings["target_accuracy"]
+    if summary["question_accuracy"] < target:
+        raise UserError(
+            f"training '{name}' reached its step cap ({summary['steps']} steps) with question accuracy "
+            f"{summary['question_accuracy']:.4f}, below the target {target}; raise "
+            f"models.{name}.builtin.train.max_steps")
+    summary.update(spec=training_spec(world_settings, model_settings, train_settings),
+                   weights_sha256=weights_sha256(model.state_dict()), torch_version=torch.__version__)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "training.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def train_deterministic(world_settings, model_settings, train_settings):
+    """The training loop; call it inside deterministic_cpu()."""
     seed = train_settings["seed"]
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
     world = synthetic.make_world(**world_settings)
     tokenizer = word_tokenizer(synthetic.vocabulary(world))
     model = LlamaForCausalLM(llama_config(tokenizer, **model_settings))
     steps, batch_size = train_settings["max_steps"], train_settings["batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_settings["lr"],
                                   weight_decay=train_settings["weight_decay"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_settings["lr"],
-                                                   total_steps=steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train_settings["schedule_steps"]))
     rng = np.random.default_rng(seed)
     history, accuracy, start = [], 0.0, time.time()
     model.train()
@@ -97,13 +163,43 @@ def train_builtin(out_dir, world_settings, model_settings, train_settings):
             if accuracy >= train_settings["target_accuracy"]:
                 break
     bar.close()
+    model.eval()
     summary = {"steps": step, "question_accuracy": accuracy, "seconds": round(time.time() - start, 1),
-               "target_accuracy": train_settings["target_accuracy"], "history": history}
-    if accuracy < train_settings["target_accuracy"]:
-        log.warning("question accuracy %.4f below the target %.4f after %d steps",
-                    accuracy, train_settings["target_accuracy"], step)
+               "target_accuracy": train_settings["target_accuracy"], "threads": TRAINING_THREADS,
+               "history": history}
+    return model, tokenizer, summary
+
+
+def lr_factor(schedule_steps, warmup=0.05, floor=0.01):
+    """The learning rate's factor at each step: a linear warm-up, a cosine decay to `floor` at
+    schedule_steps, then `floor` for good. The cap (max_steps) only stops training: raising it lets a
+    run go on without changing its first steps."""
+    warmup_steps = max(1, round(warmup * schedule_steps))
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, schedule_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+def shipped_model(spec):
+    """The directory of the shipped weights trained from `spec` (see training_spec), or None."""
+    for training in sorted(PRETRAINED.glob("*/training.json")):
+        if json.loads(training.read_text()).get("spec") == spec:
+            return training.parent
+    return None
+
+
+def install_shipped(shipped, out_dir):
+    """Copy shipped weights to out_dir, after checking them against their recorded sha256."""
+    recorded = json.loads((Path(shipped) / "training.json").read_text())["weights_sha256"]
+    actual = saved_weights_sha256(shipped)
+    if actual != recorded:
+        raise UserError(f"the shipped weights in {shipped} have sha256 {actual}, but their training.json "
+                        f"records {recorded}; reinstall patchmap")
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "training.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+    return recorded

@@ -1,5 +1,6 @@
 """Pairs: tokenise facts, find subjects, record baseline predictions, and choose swap partners."""
 
+import functools
 import logging
 from collections import defaultdict
 
@@ -147,18 +148,37 @@ def attach_predictions(encoded, predictions):
                             "to redo it")
 
 
-def swap_partners(encoded, examples, seed):
-    """Pair targets with sources of the same relation, token length and subject span, and another
-    answer token: positions then line up one to one. Deterministic given the seed."""
+def outside_subject(fact):
+    """The fact's tokens before and after its subject span, and the span's length: two prompts with the
+    same key differ in the subject's tokens at most."""
+    start, end = fact["span"]
+    return tuple(fact["ids"][:start]), tuple(fact["ids"][end:]), end - start
+
+
+def same_relation_and_shape(fact):
+    """Same relation, token length and subject span: positions line up, but the template (e.g. the
+    filler between subject and relation words) may differ."""
+    return fact["relation"], len(fact["ids"]), fact["span"]
+
+
+# swap pairing: `subject` (default) keeps every token outside the subject; `relation` is the looser one.
+PAIRINGS = {"subject": outside_subject, "relation": same_relation_and_shape}
+
+
+def swap_partners(encoded, examples, seed, pairing="subject"):
+    """Pair targets with sources that share the pairing's key (see PAIRINGS) and have another answer
+    token: positions then line up one to one. Deterministic given the seed."""
+    if pairing not in PAIRINGS:
+        raise UserError(f"unknown pairing '{pairing}'; available: {', '.join(PAIRINGS)}")
+    key = PAIRINGS[pairing]
     rng = np.random.default_rng(seed)
     groups = defaultdict(list)
     for i, f in enumerate(encoded):
-        groups[(f["relation"], len(f["ids"]), f["span"])].append(i)
+        groups[key(f)].append(i)
     pairs, no_partner = [], 0
     for i in rng.permutation(len(encoded)):
         f = encoded[i]
-        candidates = [j for j in groups[(f["relation"], len(f["ids"]), f["span"])]
-                      if encoded[j]["answer"] != f["answer"]]
+        candidates = [j for j in groups[key(f)] if encoded[j]["answer"] != f["answer"]]
         if not candidates:
             no_partner += 1
             continue
@@ -168,7 +188,12 @@ def swap_partners(encoded, examples, seed):
     return pairs, no_partner
 
 
-def self_partners(encoded, examples, seed):
+def pairs_differing_outside_subject(encoded, pairs):
+    """How many (target, source) pairs differ at some token outside the subject span."""
+    return sum(outside_subject(encoded[i]) != outside_subject(encoded[j]) for i, j in pairs)
+
+
+def self_partners(encoded, examples, seed, pairing=None):
     """Each fact is its own source (noise, ablate, knockout); a seeded choice of facts."""
     order = np.random.default_rng(seed).permutation(len(encoded))[:examples]
     return [(int(i), int(i)) for i in order], 0
@@ -193,6 +218,11 @@ INTERVENTIONS = {"swap": swap_partners, "noise": self_partners, "ablate": self_p
                  "knockout": self_partners}
 
 
+def partners_for(intervention, pairing):
+    """The partner choice of an intervention: (encoded, examples, seed) -> (pairs, no_partner)."""
+    return functools.partial(INTERVENTIONS[intervention], pairing=pairing)
+
+
 def _check_intervention(intervention):
     if intervention not in INTERVENTIONS:
         raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
@@ -203,7 +233,7 @@ def is_known(fact):
 
 
 def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing_subject="drop",
-               batch_size=32, intervention="swap", noise_scale=3.0):
+               batch_size=32, intervention="swap", noise_scale=3.0, pairing="subject"):
     """The pairs dataset (see pairs_dataset), predicting only what pairing needs: with `known_only`, facts
     are predicted in chunks (in the given order) until `examples` pairs of known facts are found; without
     it, only the chosen targets and sources are predicted. The Python API's path; the workflow predicts
@@ -213,13 +243,14 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     encoded, n_too_long = drop_too_long(encoded, max_positions(model.config))
     choose = _known_pairs_in_chunks if known_only else _pairs_then_predictions
     candidates, pairs, no_partner, predicted = choose(model, encoded, tokenizer.pad_token_id, batch_size,
-                                                      INTERVENTIONS[intervention], examples, seed)
+                                                      partners_for(intervention, pairing), examples, seed)
     std = subject_embedding_std(model, candidates) if intervention == "noise" and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
               "dropped_not_known": predicted - len(candidates) if known_only else 0,
               "not_predicted": len(encoded) - predicted, "dropped_no_partner": no_partner, "pairs": len(pairs),
-              "examples_requested": examples}
-    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
+              "examples_requested": examples,
+              "pairs_differing_outside_subject": pairs_differing_outside_subject(candidates, pairs)}
+    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std, pairing)
 
 
 def _known_pairs_in_chunks(model, encoded, pad_id, batch_size, partners, examples, seed):
@@ -244,7 +275,7 @@ def _pairs_then_predictions(model, encoded, pad_id, batch_size, partners, exampl
 
 
 def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_only=True,
-                           missing_subject="drop", intervention="swap", noise_scale=3.0):
+                           missing_subject="drop", intervention="swap", noise_scale=3.0, pairing="subject"):
     """The pairs dataset from the tokenizer and a predictions dataset (predict_facts) of every fact:
     no model needed. The workflow's path."""
     _check_intervention(intervention)
@@ -252,15 +283,16 @@ def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_
     encoded, n_too_long = drop_too_long(encoded, int(predictions.attrs.get("max_positions", 0)) or None)
     attach_predictions(encoded, predictions)
     candidates = [f for f in encoded if is_known(f)] if known_only else encoded
-    pairs, no_partner = INTERVENTIONS[intervention](candidates, examples, seed)
+    pairs, no_partner = partners_for(intervention, pairing)(candidates, examples, seed)
     std = std_from_moments(candidates) if intervention == "noise" and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
               "dropped_not_known": len(encoded) - len(candidates), "not_predicted": 0,
-              "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples}
-    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std)
+              "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples,
+              "pairs_differing_outside_subject": pairs_differing_outside_subject(candidates, pairs)}
+    return pairs_dataset(candidates, pairs, counts, seed, known_only, intervention, noise_scale, std, pairing)
 
 
-def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_scale, subject_std):
+def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_scale, subject_std, pairing="subject"):
     """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts.
 
     `swap`: the source is another fact (see swap_partners). `noise`: the source is the clean prompt and
@@ -293,6 +325,8 @@ def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_sc
     ds.attrs.update({f"count_{k}": v for k, v in counts.items()})
     ds.attrs.update({"intervention": intervention, "seed": seed, "known_only": int(known_only),
                      "token_padding": PAD})
+    if intervention == "swap":
+        ds.attrs["pairing"] = pairing
     if intervention == "noise":
         ds["noise_seed"] = (ex, np.random.default_rng(seed).integers(2**62, size=len(pairs)),
                             {"description": "seed of the Gaussian noise added to this target's subject embeddings"})

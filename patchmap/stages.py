@@ -86,13 +86,21 @@ def make_facts(config, dataset_name, out):
 
 
 def train_model(config, model_name, out):
-    from .builtin import train_builtin
+    """results/models/{model}: the shipped weights when the config asks for the spec they were trained
+    from (the default), else a model trained here."""
+    from . import builtin
     spec = config["models"][model_name]["builtin"]
     world = config["datasets"][spec["dataset"]]["synthetic"]
     shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    summary = train_builtin(out, world, shape, spec["train"])
-    log.info("trained %s: %d steps, question accuracy %.4f, %.0f s", model_name, summary["steps"],
-             summary["question_accuracy"], summary["seconds"])
+    shipped = builtin.shipped_model(builtin.training_spec(world, shape, spec["train"]))
+    if shipped is not None:
+        sha = builtin.install_shipped(shipped, out)
+        log.info("%s: the shipped weights (%s, sha256 %s) were trained from this spec; using them", model_name,
+                 shipped, sha)
+        return
+    summary = builtin.train_builtin(out, world, shape, spec["train"], name=model_name)
+    log.info("trained %s: %d steps, question accuracy %.4f, %.0f s, weights sha256 %s", model_name,
+             summary["steps"], summary["question_accuracy"], summary["seconds"], summary["weights_sha256"])
 
 
 def model_identity(config, model_name, out):
@@ -178,7 +186,8 @@ def make_pairs_file(config, run_name, facts_path, predictions_path, identity_pat
     tokenizer = load_run_tokenizer(config, run_name, identity_path)
     facts = data.load_jsonl(facts_path)
     ds = pairs_from_predictions(tokenizer, facts, xr.load_dataset(predictions_path), run["examples"], run["seed"],
-                                run["known_only"], run["missing_subject"], run["intervention"], run["noise_scale"])
+                                run["known_only"], run["missing_subject"], run["intervention"], run["noise_scale"],
+                                pairing=run["pairing"])
     ds.attrs["facts_sha256"] = data.sha256_file(facts_path)
     ds.attrs["model_commit"] = read_identity(identity_path)["commit"]
     write_netcdf(ds, out)
@@ -279,7 +288,7 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, out):
         dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
         facts_sha256=pairs.attrs["facts_sha256"]))
     ds.attrs["model_commit"] = identity["commit"]
-    ds.attrs.update({k: v for k, v in pairs.attrs.items() if k.startswith("count_")})
+    ds.attrs.update({k: v for k, v in pairs.attrs.items() if k.startswith("count_") or k == "pairing"})
     write_netcdf(ds, out)
 
 

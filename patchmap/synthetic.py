@@ -4,6 +4,10 @@ Subjects are ordered triples of name tokens from one shared pool, and the same p
 tokens between the subject and the relation words. Neither a subject's tokens alone nor the distance
 from the last token identify it, so the model has to build the subject at its last token and carry
 it to the end of the prompt in later layers: the three stages of the paper figure.
+
+Training sequences draw fresh random fillers, but the question prompts (the dataset the runs patch)
+share a few filler sequences, so that many prompts differ from one another only in their subject:
+swap pairs can then keep every token outside the subject (pairs.swap_partners).
 """
 
 from dataclasses import dataclass
@@ -39,10 +43,11 @@ class World:
     relations: dict  # relation -> (relation words, values)
     max_filler: int
     seed: int
+    filler_variants: int = 1  # filler sequences of each length that the question prompts share
 
 
 def make_world(seed=0, name_pool=20, subject_sets=200, orders=3, max_filler=3,
-               values_per_relation=(30, 20, 15, 12), subject_length=3):
+               values_per_relation=(30, 20, 15, 12), subject_length=3, filler_variants=1):
     """Draw subjects and their facts. Everything follows from the seed."""
     rng = np.random.default_rng(seed)
     pool = list(rng.choice(NAMES, size=name_pool, replace=False))
@@ -61,7 +66,7 @@ def make_world(seed=0, name_pool=20, subject_sets=200, orders=3, max_filler=3,
         {rel: str(values[rng.integers(len(values))]) for rel, (_, values) in relations.items()}
         for _ in subjects
     ]
-    return World(subjects, attributes, [str(n) for n in pool], relations, max_filler, seed)
+    return World(subjects, attributes, [str(n) for n in pool], relations, max_filler, seed, filler_variants)
 
 
 def vocabulary(world):
@@ -80,9 +85,28 @@ def question_prompt(world, subject, relation, filler):
     return " ".join([*subject, *filler, world.relations[relation][0]])
 
 
+def shared_fillers(world, rng):
+    """The filler sequences the question prompts draw from: `filler_variants` of each length
+    1..max_filler (and the empty one), as lists of name tokens."""
+    shared = [[]]
+    for n in range(1, world.max_filler + 1):
+        shared += [list(map(str, rng.choice(world.name_pool, size=n))) for _ in range(world.filler_variants)]
+    return shared
+
+
+def _shared_filler(world, shared, rng):
+    """A filler length drawn as in training (uniform over 0..max_filler), then one shared sequence of it."""
+    n = rng.integers(world.max_filler + 1)
+    if n == 0:
+        return shared[0]
+    return shared[1 + (n - 1) * world.filler_variants + rng.integers(world.filler_variants)]
+
+
 def facts(world, seed=None):
-    """One question prompt per (subject, relation), with seeded filler; the dataset the runs patch."""
+    """One question prompt per (subject, relation), with a seeded choice of shared filler; the dataset
+    the runs patch."""
     rng = np.random.default_rng(world.seed + 1 if seed is None else seed)
+    shared = shared_fillers(world, rng)
     rows = []
     for s, (subject, attrs) in enumerate(zip(world.subjects, world.attributes)):
         for relation in world.relations:
@@ -90,7 +114,7 @@ def facts(world, seed=None):
                 "id": f"s{s:03d}-{relation}",
                 "subject": " ".join(subject),
                 "relation": relation,
-                "prompt": question_prompt(world, subject, relation, _filler(world, rng)),
+                "prompt": question_prompt(world, subject, relation, _shared_filler(world, shared, rng)),
                 "attribute": attrs[relation],
             })
     return rows

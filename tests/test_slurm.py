@@ -27,7 +27,8 @@ RUN_TIMEOUT = 420  # seconds for one snakemake run; a run whose status checks fa
 # for a GPU, and runs on the CPU where CUDA finds none
 CONFIG = {
     "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
-                                    "train": {"max_steps": 20, "batch_size": 16, "eval_every": 10}},
+                                    "train": {"max_steps": 20, "schedule_steps": 20, "batch_size": 16, "eval_every": 20,
+                                              "target_accuracy": 0.0}},
                         "resources": {"gpus": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}}},
     "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
     "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},

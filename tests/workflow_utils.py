@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
-                                    "train": {"max_steps": 20, "batch_size": 16, "eval_every": 10}}}},
+                                    "train": {"max_steps": 20, "schedule_steps": 20, "batch_size": 16, "eval_every": 20,
+                                              "target_accuracy": 0.0}}}},
     "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
     "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
               "attn": {"label": "Attn.", "component": "attn", "positions": "last"},

@@ -1,0 +1,51 @@
+"""Retrain the default built-in model from config/config.yaml and check that its weights equal the
+shipped ones (patchmap/pretrained/): training is deterministic, so the sha256 must match.
+
+    python benchmarks/retrain_default.py                # train in a temporary directory, compare
+    python benchmarks/retrain_default.py --out DIR      # keep the trained model in DIR (to ship it)
+
+Takes minutes (one thread, by design). Exit status 1 when the hashes differ."""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from patchmap import builtin
+from patchmap import config as cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=ROOT / "config" / "config.yaml", type=Path)
+    parser.add_argument("--model", default="facts-llama")
+    parser.add_argument("--out", type=Path, help="where to keep the trained model (default: a temporary directory)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = cfg.validate(yaml.safe_load(args.config.read_text()))
+    spec = config["models"][args.model]["builtin"]
+    world = config["datasets"][spec["dataset"]]["synthetic"]
+    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / args.model
+        summary = builtin.train_builtin(out, world, shape, spec["train"], name=args.model)
+        print(f"trained {args.model}: {summary['steps']} steps, question accuracy {summary['question_accuracy']}, "
+              f"{summary['seconds']} s, weights sha256 {summary['weights_sha256']}")
+        shipped = builtin.shipped_model(builtin.training_spec(world, shape, spec["train"]))
+        if shipped is None:
+            print("no shipped weights were trained from this spec")
+            return 1
+        recorded = json.loads((shipped / "training.json").read_text())["weights_sha256"]
+        same = recorded == summary["weights_sha256"]
+        print(f"shipped {shipped}: sha256 {recorded}: {'identical' if same else 'DIFFERENT'}")
+        return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
