@@ -33,6 +33,29 @@ def subject_ratio(js_mean):
     return float(js_mean.sel(site=SUBJECT).isel(layer=0)) / plateau(js_mean)
 
 
+def three_stages(js_mean):
+    """The paper figure's three stages, read off a Subj./Attn./Last. swap heatmap. P = mean JS(source,
+    target). `Subj.` falls: from at least 0.8 P at layer 0 to at most 0.1 P at the last layer. `Last.`
+    rises: from at most 0.5 P at layer 0 to P. `Attn.` peaks where `Subj.` falls: its highest layer lies
+    in the fall, from the first layer where `Subj.` has lost a tenth of its layer-0 value to the first
+    where it is below 0.1 P."""
+    p = plateau(js_mean)
+    subj = js_mean.sel(site=SUBJECT).values
+    last = js_mean.sel(site=LAST).values
+    attn = js_mean.sel(site=ATTENTION).values
+    fall_start = next(l for l, v in enumerate(subj) if v < 0.9 * subj[0])
+    fall_end = next((l for l, v in enumerate(subj) if v < 0.1 * p), len(subj) - 1)
+    peak = int(attn.argmax())
+    return {
+        "plateau": p,
+        "subject_falls": bool(subj[0] >= 0.8 * p and subj[-1] <= 0.1 * p),
+        "last_rises": bool(last[0] <= 0.5 * p),
+        "subject_fall_layers": (int(fall_start), int(fall_end)),
+        "attention_peak_layer": peak,
+        "attention_peaks_in_the_fall": bool(fall_start <= peak <= fall_end),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m patchmap.summary", description=__doc__)
     parser.add_argument("divergence", help="a divergence.nc written by the workflow or patch_heatmap")
@@ -45,6 +68,8 @@ def main(argv=None):
         js_mean = ds["js_mean"]
         print(f"mean JS(source, target) = {LAST} at the last layer = {plateau(js_mean):.3f}; "
               f"{SUBJECT} at layer 0 / that = {subject_ratio(js_mean):.3f}")
+        if ATTENTION in sites:
+            print("three stages:", ", ".join(f"{k} {v}" for k, v in three_stages(js_mean).items()))
 
 
 if __name__ == "__main__":
