@@ -170,7 +170,7 @@ def train_deterministic(world_settings, model_settings, train_settings):
     return model, tokenizer, summary
 
 
-def lr_factor(schedule_steps, warmup=0.05, floor=0.01):
+def lr_factor(schedule_steps, warmup=0.05, floor=0.1):
     """The learning rate's factor at each step: a linear warm-up, a cosine decay to `floor` at
     schedule_steps, then `floor` for good. The cap (max_steps) only stops training: raising it lets a
     run go on without changing its first steps."""

@@ -43,7 +43,7 @@ def three_stages(js_mean):
     subj = js_mean.sel(site=SUBJECT).values
     last = js_mean.sel(site=LAST).values
     attn = js_mean.sel(site=ATTENTION).values
-    fall_start = next(l for l, v in enumerate(subj) if v < 0.9 * subj[0])
+    fall_start = next((l for l, v in enumerate(subj) if v < 0.9 * subj[0]), len(subj) - 1)
     fall_end = next((l for l, v in enumerate(subj) if v < 0.1 * p), len(subj) - 1)
     peak = int(attn.argmax())
     return {

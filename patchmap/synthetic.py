@@ -46,7 +46,7 @@ class World:
     filler_variants: int = 1  # filler sequences of each length that the question prompts share
 
 
-def make_world(seed=0, name_pool=20, subject_sets=60, orders=3, max_filler=3,
+def make_world(seed=0, name_pool=20, subject_sets=200, orders=3, max_filler=3,
                values_per_relation=(30, 20, 15, 12), subject_length=3, filler_variants=1):
     """Draw subjects and their facts. Everything follows from the seed."""
     rng = np.random.default_rng(seed)

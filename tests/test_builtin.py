@@ -71,7 +71,7 @@ def test_the_learning_rate_warms_up_decays_and_stays_at_its_floor():
     steps = [factor(s) for s in range(200)]
     assert steps[0] < steps[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(steps[4:100], steps[5:100]))
-    assert steps[100] == steps[199] == pytest.approx(0.01)
+    assert steps[100] == steps[199] == pytest.approx(0.1)
 
 
 def test_the_default_config_uses_the_shipped_weights(tmp_path):
