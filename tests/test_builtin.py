@@ -17,8 +17,22 @@ SHORT = {"seed": 0, "max_steps": 6, "schedule_steps": 6, "batch_size": 8, "lr": 
          "eval_every": 6, "target_accuracy": 0.0}
 
 
-def default_config():
-    return cfg.validate(yaml.safe_load((cfg.SCHEMA.parent / "config.yaml").read_text()))
+def default_config(name="config.yaml"):
+    return cfg.validate(yaml.safe_load((cfg.SCHEMA.parent / name).read_text()))
+
+
+def default_spec(config, model="facts-llama"):
+    spec = config["models"][model]["builtin"]
+    world = config["datasets"][spec["dataset"]]["synthetic"]
+    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
+    return world, shape, spec["train"]
+
+
+def shipped_default(config):
+    shipped = builtin.shipped_model(builtin.training_spec(*default_spec(config)))
+    assert shipped is not None, ("no shipped weights were trained from the default spec; make them with "
+                                 "python benchmarks/retrain_default.py --out patchmap/pretrained/facts-llama")
+    return shipped
 
 
 def train_with_caller_threads(threads, out):
@@ -74,25 +88,23 @@ def test_the_learning_rate_warms_up_decays_and_stays_at_its_floor():
     assert steps[100] == steps[199] == pytest.approx(0.1)
 
 
-def test_the_default_config_uses_the_shipped_weights(tmp_path):
-    config = default_config()
+@pytest.mark.parametrize("config_file", ["config.yaml", "interventions.yaml"])
+def test_the_default_configs_use_the_shipped_weights(tmp_path, config_file):
+    config = default_config(config_file)
+    shipped_default(config)
     out = tmp_path / "facts-llama"
     stages.train_model(config, "facts-llama", out)  # a copy, checked against its hash: no training
     recorded = json.loads((out / "training.json").read_text())
     assert recorded["question_accuracy"] == recorded["target_accuracy"] == 1.0
     assert builtin.saved_weights_sha256(out) == recorded["weights_sha256"]
-    spec = config["models"]["facts-llama"]["builtin"]
-    assert recorded["spec"]["train"] == spec["train"]
+    assert recorded["spec"] == builtin.training_spec(*default_spec(config))
 
 
 def test_any_other_spec_is_trained_not_shipped():
-    config = default_config()
-    spec = config["models"]["facts-llama"]["builtin"]
-    world = config["datasets"][spec["dataset"]]["synthetic"]
-    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    assert builtin.shipped_model(builtin.training_spec(world, shape, spec["train"])) is not None
-    assert builtin.shipped_model(builtin.training_spec(world, shape, {**spec["train"], "seed": 1})) is None
-    assert builtin.shipped_model(builtin.training_spec({**world, "seed": 1}, shape, spec["train"])) is None
+    world, shape, train = default_spec(default_config())
+    assert builtin.shipped_model(builtin.training_spec(world, shape, {**train, "seed": 1})) is None
+    assert builtin.shipped_model(builtin.training_spec({**world, "seed": 1}, shape, train)) is None
+    assert builtin.shipped_model(builtin.training_spec(world, {**shape, "layers": 4}, train)) is None
 
 
 def test_tampered_shipped_weights_are_refused(tmp_path, monkeypatch):
