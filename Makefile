@@ -24,12 +24,17 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/snakemake --cores $(CORES)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each test file in one of them (its workflow runs
+# are module fixtures), one thread each: the tests are tiny and mostly single-threaded, so two processes
+# use both of CI's 2 cores; more threads than cores would make OpenMP wait.
+TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-# the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges (.ci/ends.sh)
-test-ends: install
-	FLOORS_PYTHON=$(VENV)/bin/python bash .ci/ends.sh
+# the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges, each in a fresh
+# venv that uv installs (.ci/ends.sh; CI runs it after `make test`)
+test-ends:
+	PYTHON=$(PYTHON) bash .ci/ends.sh
 
 clean:
 	rm -rf results/models results/default .snakemake

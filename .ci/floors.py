@@ -1,14 +1,17 @@
-"""Print pip constraints that pin every direct dependency of pyproject.toml at its floor (the `>=` bound),
-for the lowest-versions CI environment (.ci/ends.sh). `--torch SPEC` replaces torch's floor (CI takes the
-build on this machine's disk); `--extra NAME` adds that extra's requirements (their floors too, or their
-`==` pins). A dependency without a floor stops it: every range must have a lower end that CI can test."""
+"""The floors of pyproject.toml's direct dependencies (each one's `>=` bound), which the lowest-versions CI
+environment installs (.ci/ends.sh lowest, through uv's --resolution lowest-direct). Prints them as pins;
+with --check, fails unless the running Python has exactly those versions installed, so that an install
+that could not reach a floor (another requirement wanting more) does not pass for a test of the floors.
+A dependency without a floor stops it: every range must have a lower end that CI can test."""
 
 import argparse
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -21,20 +24,35 @@ def floor(requirement):
     return bounds[0]
 
 
+def floors():
+    """{name: floor} of every runtime dependency."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    return {r.name: floor(r) for r in map(Requirement, project["dependencies"])}
+
+
+def not_at_their_floor(pins):
+    """'name installed (floor F)' for each dependency installed here at another version than its floor."""
+    wrong = []
+    for name, version in pins.items():
+        installed = Version(metadata.version(name))
+        if Version(installed.public) != Version(version):  # torch's CPU build 2.13.0+cpu is the floor 2.13
+            wrong.append(f"{name} {installed} (floor {version})")
+    return wrong
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--torch", help="the torch requirement to use instead of torch's floor")
-    parser.add_argument("--extra", action="append", default=[], help="an optional-dependency group to add")
+    parser.add_argument("--check", action="store_true",
+                        help="fail unless every dependency is installed at its floor in this Python")
     args = parser.parse_args()
-    project = tomllib.loads(PYPROJECT.read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in args.extra:
-        requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    for requirement in requirements:
-        if requirement.name == "torch" and args.torch:
-            print(args.torch)
-        else:
-            print(f"{requirement.name}=={floor(requirement)}")
+    pins = floors()
+    if not args.check:
+        print("\n".join(f"{name}=={version}" for name, version in pins.items()))
+        return
+    wrong = not_at_their_floor(pins)
+    if wrong:
+        sys.exit("floors: not installed at the floor: " + ", ".join(wrong))
+    print(f"floors: all {len(pins)} direct dependencies are installed at their floors")
 
 
 if __name__ == "__main__":

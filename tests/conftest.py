@@ -37,6 +37,21 @@ def tiny_model(tiny_model_dir):
     return models.load(str(tiny_model_dir))
 
 
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker (`make test` runs two) hands its largest differences to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from tolerances import largest
+        workeroutput["largest"] = {metric: list(seen) for metric, seen in largest.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller merges each worker's largest differences (pytest-xdist only)."""
+    from tolerances import merge_largest
+    merge_largest(getattr(node, "workeroutput", {}).get("largest", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
     """The largest difference per metric between two computations that should agree (tests/tolerances.py)."""
     from tolerances import TOLERANCES, largest

@@ -22,6 +22,13 @@ LOGPROB_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}  # log-probabilities: log-scale
 largest = {}  # metric: [largest |difference|, largest |difference| / tolerance], over the whole test run
 
 
+def merge_largest(other):
+    """Take in another process's record (a pytest-xdist worker's, see conftest)."""
+    for metric, (difference, share) in other.items():
+        seen = largest.setdefault(metric, [0.0, 0.0])
+        seen[0], seen[1] = max(seen[0], difference), max(seen[1], share)
+
+
 def assert_metric_close(metric, got, expected, where=""):
     """Assert two arrays of `metric` agree within its tolerance; record the largest difference seen."""
     atol, rtol = TOLERANCES[metric]
