@@ -25,11 +25,11 @@ run: install
 	$(VENV)/bin/snakemake --cores $(CORES)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), each test file in one of them (its workflow runs
-# are module fixtures), one thread each: the tests are tiny and mostly single-threaded, so two processes
-# use both of CI's 2 cores; more threads than cores would make OpenMP wait.
+# are module fixtures), in conftest's order (longest first), one thread each: the tests are tiny and
+# mostly single-threaded, so two processes use both of CI's 2 cores; more threads than cores make OpenMP wait.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges, each in a fresh
 # venv that uv installs (.ci/ends.sh; CI runs it after `make test`)

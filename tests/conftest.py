@@ -37,6 +37,18 @@ def tiny_model(tiny_model_dir):
     return models.load(str(tiny_model_dir))
 
 
+# The files whose workflow runs take longest, longest first. `make test` runs files in two pytest-xdist
+# processes in collection order (--no-loadscope-reorder): these start first and the short files fill in
+# beside them, so that neither process is left running a long file alone at the end.
+LONGEST_FIRST = ["test_known_facts.py", "test_slurm.py", "test_faults.py", "test_jobs.py", "test_user_errors.py",
+                 "test_workflow.py", "test_fast_engine.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order is kept
+
+
 def pytest_sessionfinish(session):
     """A pytest-xdist worker (`make test` runs two) hands its largest differences to the controller."""
     workeroutput = getattr(session.config, "workeroutput", None)
