@@ -47,3 +47,9 @@ def positions(group, length, subject_start, subject_end):
     if group == "all":
         return list(range(length))
     raise ValueError(f"unknown position group '{group}'; known: {', '.join(POSITION_GROUPS)}")
+
+
+def site_positions(pairs, site):
+    """Token positions of `site` in each example of a pairs dataset (identical in target and source)."""
+    return [positions(site.positions, int(n), int(a), int(b))
+            for n, a, b in zip(pairs["length"].values, pairs["subject_start"].values, pairs["subject_end"].values)]

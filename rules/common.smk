@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from patchmap import config as cfg
+from patchmap.interventions import named as named_intervention
 from patchmap.errors import UserError
 
 try:
@@ -65,15 +66,15 @@ def predictions_input(wildcards):
     return cfg.predictions_file(config, wildcards.run)
 
 
-def runs_named(interventions):
-    """A wildcard pattern matching exactly the runs with one of these interventions."""
-    names = [name for name, run in config["runs"].items() if run["intervention"] in interventions]
+def runs_where(holds):
+    """A wildcard pattern matching exactly the runs whose intervention (patchmap.interventions) `holds`."""
+    names = [name for name, run in config["runs"].items() if holds(named_intervention(run["intervention"]))]
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def ablation_input(wildcards):
-    """The ablate intervention patches in values computed over the whole run (rule ablation)."""
-    return f"results/{wildcards.run}/ablation.nc" if run_of(wildcards)["intervention"] == "ablate" else []
+    """An intervention whose values are pooled over the whole run (ablate) patches them in (rule ablation)."""
+    return f"results/{wildcards.run}/ablation.nc" if named_intervention(run_of(wildcards)["intervention"]).pooled else []
 
 
 def shards(run):

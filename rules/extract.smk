@@ -14,7 +14,7 @@ rule extract:
     benchmark:
         "results/{run}/benchmarks/extract/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"ablate"}),
+        run=runs_where(lambda intervention: intervention.pooled),
     threads: model_threads
     resources:
         gpu=device_gpus,

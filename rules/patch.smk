@@ -15,7 +15,7 @@ rule patch:
     benchmark:
         "results/{run}/benchmarks/patch/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"swap", "noise"}),
+        run=runs_where(lambda intervention: intervention.extracts_in_patch_job),
     threads: model_threads
     resources:
         gpu=device_gpus,
@@ -43,7 +43,7 @@ rule patch_without_extraction:
     benchmark:
         "results/{run}/benchmarks/patch/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"ablate", "knockout"}),
+        run=runs_where(lambda intervention: not intervention.extracts_in_patch_job),
     threads: model_threads
     resources:
         gpu=device_gpus,
