@@ -18,6 +18,8 @@ from ...job import window_layers
 from ..hooks import add_hook, check_finite, hooks, output_tensor, pad_batch, with_tensor
 from .schedule import RowIndex
 
+log = logging.getLogger(__name__)
+
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 DEFAULT_CPU_TOKENS = 16384
