@@ -11,10 +11,8 @@ from jsonschema import Draft202012Validator, validators
 
 from .errors import UserError
 from .interventions import named
+from .schema import schema
 from .sites import Site
-
-SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-
 
 def _with_defaults(validator_class):
     """A validator that fills in each property's `default` as it validates (the jsonschema FAQ recipe)."""
@@ -70,10 +68,6 @@ def _short(subschema):
     if subschema.get("type") == "array":
         return f"a list of {subschema.get('items', {}).get('type', 'value')}s"
     return subschema.get("type", "another value")
-
-
-def schema():
-    return yaml.safe_load(SCHEMA.read_text())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -7,9 +7,10 @@ subject); patching an empty group changes nothing."""
 
 from dataclasses import dataclass
 
-COMPONENTS = ("resid", "attn", "mlp")
-POSITION_GROUPS = ("subject", "subject_first", "subject_middle", "subject_last", "after_subject_first",
-                   "after_subject_further", "relation", "non_subject", "last", "all")
+from .schema import allowed
+
+COMPONENTS = allowed("sites", "component")
+POSITION_GROUPS = allowed("sites", "positions")
 
 
 @dataclass(frozen=True)
