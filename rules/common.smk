@@ -41,7 +41,7 @@ def dataset_input(wildcards):
 
 
 def facts_file(wildcards):
-    return f"results/datasets/{run_of(wildcards)['dataset']}/facts.jsonl"
+    return expand(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
 
 
 def model_identity(wildcards):
@@ -74,7 +74,8 @@ def runs_where(holds):
 
 def ablation_input(wildcards):
     """An intervention whose values are pooled over the whole run (ablate) patches them in (rule ablation)."""
-    return f"results/{wildcards.run}/ablation.nc" if named_intervention(run_of(wildcards)["intervention"]).pooled else []
+    pooled = named_intervention(run_of(wildcards)["intervention"]).pooled
+    return expand(rules.ablation.output[0], run=wildcards.run) if pooled else []
 
 
 def shards(run):
@@ -82,7 +83,7 @@ def shards(run):
 
 
 def patch_files(wildcards):
-    return expand("results/{run}/patch/{shard}.nc", run=wildcards.run, shard=shards(wildcards.run))
+    return expand(rules.patch.output.patch, run=wildcards.run, shard=shards(wildcards.run))
 
 
 # Cluster resources of the jobs that run a model (predictions, extract, patch, train_builtin_model), from the

@@ -2,11 +2,11 @@
 # shard's source activations in the same job (and write them as an output); ablate and knockout do not.
 rule patch:
     input:
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
     output:
         patch="results/{run}/patch/{shard}.nc",
-        activations="results/{run}/activations/{shard}.nc",
+        activations=rules.extract.output[0],
     params:
         run=run_of,
         sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
@@ -30,11 +30,11 @@ rule patch:
 
 rule patch_without_extraction:
     input:
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
         ablation=ablation_input,
     output:
-        patch="results/{run}/patch/{shard}.nc",
+        patch=rules.patch.output.patch,
     params:
         run=run_of,
         sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
