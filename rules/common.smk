@@ -40,8 +40,13 @@ def dataset_input(wildcards):
     return [path] if path else []
 
 
+def filled(pattern, **wildcards):
+    """One path: a rule's output pattern (rules.<rule>.output) with its wildcards filled in."""
+    return expand(pattern, **wildcards)[0]
+
+
 def facts_file(wildcards):
-    return expand(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
+    return filled(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
 
 
 def model_identity(wildcards):
@@ -75,7 +80,7 @@ def runs_where(holds):
 def ablation_input(wildcards):
     """An intervention whose values are pooled over the whole run (ablate) patches them in (rule ablation)."""
     pooled = named_intervention(run_of(wildcards)["intervention"]).pooled
-    return expand(rules.ablation.output[0], run=wildcards.run) if pooled else []
+    return filled(rules.ablation.output[0], run=wildcards.run) if pooled else []
 
 
 def shards(run):

@@ -3,6 +3,7 @@ site by site (the runs of each site's schedule through FastEngine's block calls)
 pass over every run of the batch for the logits and metrics."""
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,17 @@ HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
 HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
 
+@dataclass
+class Batch:
+    """Examples a..b of a job, with their clean run: what the runs of every site on them share."""
+    a: int
+    b: int
+    clean: object        # the CleanRun of the batch
+    lengths: list        # [B] prompt lengths
+    answers: list        # [target answers [B], source answers [B]], on the output device
+    use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
+
+
 @torch.no_grad()
 def patch(job, engine=None, **options):
     """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job` (the source
@@ -43,29 +55,28 @@ def patch(job, engine=None, **options):
     available = extracted_layers(job, engine.n_layers)
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not job.progress)
 
-    def clean_run(batch):
-        a, b = batch
+    def clean_run(examples):
+        a, b = examples
         noise = job.intervention.target_noise(pairs, a, b, max(lengths[a:b]), job.model.config.hidden_size)
         return engine.clean_run(targets[a:b], job.pad_id, noise)
 
     for (a, b), clean in halving_on_out_of_memory(
-            job.batches(), clean_run, halve_range, lambda batch: f"in the clean run of examples {batch[0]}-{batch[1] - 1}",
-            on_retry=lambda batch: engine.shrink_budget(sum(lengths[batch[0]:batch[1]]))):
+            job.batches(), clean_run, halve_range, lambda ab: f"in the clean run of examples {ab[0]}-{ab[1] - 1}",
+            on_retry=lambda ab: engine.shrink_budget(sum(lengths[ab[0]:ab[1]]))):
         use_prefix = len(clean.kv) == engine.n_layers
         if not use_prefix and "prefix" not in engine.warned:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
-        batch_answers = [x[a:b] for x in answers]
+        batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix)
         finals = []
         for number, site in enumerate(job.sites):
             here = positions[site.name][a:b]
-            spans = schedule.spans(site, here, lengths[a:b], first, available, engine.n_layers,
+            spans = schedule.spans(site, here, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else same_until[a:b], use_prefix and engine.spans)
-            sources = Sources(job.sources, site, a, b, engine) if job.intervention.writes_sources else None
-            finals += site_runs(engine, job, clean, site, number, here, lengths[a:b], sources, use_prefix, spans, first)
-            unpatched(clean, here, batch_answers, job.js_base, a, results[site.name])
-        score(engine, clean, finals, job, batch_answers, a, results)
+            finals += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
+            unpatched(batch, here, job.js_base, results[site.name])
+        score(engine, job, batch, finals, results)
         bar.update(b - a)
     bar.close()
     return {site.name: job.site_result(site, results[site.name]) for site in job.sites}
@@ -73,7 +84,7 @@ def patch(job, engine=None, **options):
 
 def extracted_layers(job, n_layers):
     """The layers job.sources holds source activations at; a patchmap error if a window needs another.
-    None for an intervention that writes no sources."""
+    None of them for an intervention that writes no sources."""
     if not job.intervention.writes_sources:
         return set()
     available = {int(layer) for layer in job.sources["layer"].values}
@@ -84,8 +95,9 @@ def extracted_layers(job, n_layers):
     return available
 
 
-def unpatched(clean, positions, answers, base, a, out):
+def unpatched(batch, positions, base, out):
     """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
+    clean, answers, a = batch.clean, batch.answers, batch.a
     for e, ps in enumerate(positions):
         if not ps:
             same = patch_metrics(clean.target[e:e + 1], clean.target[e:e + 1], answers[0][e:e + 1],
@@ -111,10 +123,14 @@ class Sources:
         return self.values[rows, self.index[layer], :width]
 
 
-def site_runs(engine, job, clean, site, site_number, positions, lengths, sources, use_prefix, spans, first):
-    """The last-position hidden states of every (example, layer) run of one site on one clean batch:
-    a list of (site number, clean-batch rows, layer ids, hidden [R, H]). Without `sources`, the knockout
-    intervention: the last position's attention to the site's positions is blocked instead."""
+def site_runs(engine, job, batch, site_number, positions, spans, first):
+    """The last-position hidden states of every (example, layer) run of site `site_number` on one clean
+    batch: a list of (site number, clean-batch rows, layer ids, hidden [R, H]). `positions`: the site's in
+    each example; `spans`: the span path's (schedule.spans); `first`: the first layer any window patches.
+    An intervention that writes no sources (knockout) blocks the last position's attention to the site's
+    positions instead."""
+    site, clean, lengths = job.sites[site_number], batch.clean, batch.lengths
+    sources = Sources(job.sources, site, batch.a, batch.b, engine) if job.intervention.writes_sources else None
     site_mask = None
     if sources is None:
         site_mask = torch.zeros(len(positions), int(max(lengths)), dtype=torch.bool)
@@ -126,7 +142,7 @@ def site_runs(engine, job, clean, site, site_number, positions, lengths, sources
         span_kv = engine.span_kv(clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None},
                                  sources, first + 1)
         kv = span_kv.get
-    chunks = schedule.groups(positions, lengths, use_prefix, spans, list(range(len(job.layers))), engine.max_tokens,
+    chunks = schedule.groups(positions, lengths, batch.use_prefix, spans, list(range(len(job.layers))), engine.max_tokens,
                              engine.device, site_mask is not None)
 
     def run(chunk):
@@ -148,11 +164,12 @@ def site_runs(engine, job, clean, site, site_number, positions, lengths, sources
     return finals
 
 
-def score(engine, clean, finals, job, answers, a, results):
+def score(engine, job, batch, finals, results):
     """Logits, their non-finite check and the metrics of every patched run of a clean batch, in chunks of
     rows (one output-embedding call for many sites and layers)."""
     if not finals:
         return
+    clean, answers, a = batch.clean, batch.answers, batch.a
     site_of = torch.cat([torch.full((len(f[1]),), f[0], dtype=torch.long) for f in finals])
     rows = torch.cat([f[1] for f in finals])
     layer_ids = torch.cat([f[2] for f in finals])
