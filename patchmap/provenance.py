@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 from .interventions import named
 
 PACKAGES = ("patchmap", "torch", "transformers", "tokenizers", "numpy", "xarray", "netCDF4", "scipy", "snakemake")
@@ -102,7 +103,6 @@ def hub_commit(repo_id, revision=None):
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    from .errors import UserError
     try:
         config_file = cached_file(repo_id, "config.json", revision=revision)
     except OSError as error:
