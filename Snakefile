@@ -40,10 +40,8 @@ report: "report/workflow.rst"
 
 rule all:
     input:
-        expand(
-            "results/{run}/{file}",
-            run=config["runs"],
-            file=["divergence.nc", "heatmap.png", "heatmap.pdf", "lines.png", "lines.pdf"],
-        ),
-        expand("results/figures/{figure}.{ext}", figure=config["figures"], ext=["png", "pdf"]),
+        expand(rules.divergence.output[0], run=config["runs"]),
+        expand(rules.heatmap.output, run=config["runs"]),
+        expand(rules.lines.output, run=config["runs"]),
+        expand(rules.figure.output, figure=config["figures"]),
     default_target: True

@@ -72,7 +72,7 @@ def build(kind, directory, vocab):
 
 
 def _job(directory, examples):
-    from patchmap import models, patching, synthetic
+    from patchmap import activations, models, synthetic
     from patchmap.pairs import make_pairs
     from patchmap.sites import Site
 
@@ -81,7 +81,7 @@ def _job(directory, examples):
     pairs = make_pairs(model, tokenizer, facts, examples=examples, seed=0, known_only=False)
     sites = [Site.from_config(k, v) for k, v in SITES.items()]
     layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, examples, tokenizer.pad_token_id, False)
+    acts = activations.extract_activations(model, pairs, sites, layers, examples, tokenizer.pad_token_id, False)
     return model, tokenizer, pairs, sites, layers, acts
 
 
@@ -91,20 +91,23 @@ def worker(directory, engine, examples, out, repeat=2):
     import torch
 
     from patchmap import patching
-    from patchmap.fast import FastEngine
+    from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.job import PatchJob
 
     model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
+
+    def job(pairs, acts, batch_size):
+        return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size,
+                        pad_id=tokenizer.pad_token_id, sources=acts, progress=False)
 
     def run(pairs, acts):
         if engine == "nnsight":
             return nnsight_patch(model, pairs, acts, sites, layers, tokenizer.pad_token_id), {}
         if engine == "fast":
             fast = FastEngine(model)
-            return patching.patch(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id,
-                                  progress=False, engine_object=fast), dict(fast.stats)
+            return patching.patch(job(pairs, acts, examples), engine=fast), dict(fast.stats)
         batch = int(engine.split("@")[1]) if "@" in engine else examples  # reference@N: batches of N
-        return patching.patch(model, pairs, acts, sites, layers, batch, tokenizer.pad_token_id,
-                              progress=False, engine="reference"), {}
+        return patching.patch(job(pairs, acts, batch), engine="reference"), {}
 
     few = slice(0, min(4, examples))
     run(pairs.isel(example=few), acts.isel(example=few))  # warm-up: first calls of kernels, lazy weights
@@ -141,9 +144,12 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
     """Where the fast engine's time goes: one more pass with timers around its phases (the clean run, the
     source keys and values of subject spans, the patched block calls by kind of run, the output embedding
     and metrics). Seconds per phase."""
-    from patchmap import fast, patching
+    from patchmap import patching
+    from patchmap.engines.fast import driver
+    from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.job import PatchJob
 
-    engine = fast.FastEngine(model)
+    engine = FastEngine(model)
     seconds = {}
 
     def timed(name_of, function):
@@ -164,14 +170,15 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
     engine.clean_run = timed(lambda *a, **k: "clean run (model forward, all positions)", engine.clean_run)
     engine.span_kv = timed(lambda *a, **k: "source keys/values of subject spans", engine.span_kv)
     engine.run_group = timed(run_kind, engine.run_group)
-    score = fast._score
-    fast._score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
+    score = driver.score
+    driver.score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
     try:
         start = time.perf_counter()
-        patching.patch(model, pairs, acts, sites, layers, examples, pad_id, progress=False, engine_object=engine)
+        patching.patch(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
+                                pad_id=pad_id, sources=acts, progress=False), engine=engine)
         seconds["total"] = time.perf_counter() - start
     finally:
-        fast._score = score
+        driver.score = score
     return seconds
 
 
@@ -182,10 +189,11 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
     from nnsight import NNsight
 
     from patchmap import models
-    from patchmap.engine import last_logprobs, pad_batch, position_mask
+    from patchmap.engines.hooks import last_logprobs, pad_batch, position_mask
+    from patchmap.engines.reference import source_values
     from patchmap.metrics import patch_metrics
     from patchmap.pairs import token_lists
-    from patchmap.patching import _source_values, site_positions
+    from patchmap.sites import site_positions
 
     wrapped = NNsight(model)
     targets = token_lists(pairs, "target_ids")
@@ -197,7 +205,7 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
     for site in sites:
         where = site_positions(pairs, site)
         patch_mask = position_mask(where, ids.shape[1], "cpu")
-        values = _source_values(acts, site, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
+        values = source_values(acts, site, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
         per_layer = []
         for layer in layers:
             envoy = wrapped

@@ -49,9 +49,10 @@ def main():
 
     import transformers
 
-    from patchmap import patching, synthetic
+    from patchmap import activations, patching, synthetic
     from patchmap.builtin import word_tokenizer
-    from patchmap.fast import FastEngine
+    from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.job import PatchJob
     from patchmap.pairs import make_pairs
     from patchmap.sites import Site
 
@@ -86,21 +87,23 @@ def main():
     layers = list(range(config.num_hidden_layers))
     pad = tokenizer.pad_token_id
     start = time.perf_counter()
-    acts = patching.extract_activations(model, pairs, sites, layers, args.batch_size, pad, progress=False)
+    acts = activations.extract_activations(model, pairs, sites, layers, args.batch_size, pad, progress=False)
     print(f"{n} pairs, mean prompt {float(pairs['length'].mean()):.1f} tokens; extract stage "
           f"{time.perf_counter() - start:.0f} s")
 
+    def job(pairs, acts, batch_size):
+        return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size, pad_id=pad,
+                        sources=acts, progress=False)
+
     # warm-up (kernels, allocator), then the timed patch stage
     few = slice(0, min(8, n))
-    patching.patch(model, pairs.isel(example=few), acts.isel(example=few), sites, layers, args.batch_size, pad,
-                   progress=False)
+    patching.patch(job(pairs.isel(example=few), acts.isel(example=few), args.batch_size))
     engine = FastEngine(model, max_tokens=args.max_tokens)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    fast = patching.patch(model, pairs, acts, sites, layers, args.batch_size, pad, progress=False,
-                          engine_object=engine)
+    fast = patching.patch(job(pairs, acts, args.batch_size), engine=engine)
     sync()
     seconds = time.perf_counter() - start
     runs = n * len(sites) * len(layers)
@@ -123,8 +126,7 @@ def main():
     for name, engine_name, batch_size in runs:
         sync()
         start = time.perf_counter()
-        result = patching.patch(model, sub_pairs, sub_acts, sites, layers, batch_size, pad, progress=False,
-                                engine=engine_name)
+        result = patching.patch(job(sub_pairs, sub_acts, batch_size), engine=engine_name)
         sync()
         timings[name] = (time.perf_counter() - start, result)
     difference = max(float(abs(timings["fast"][1][s.name][m] - timings["reference"][1][s.name][m]).max())

@@ -6,12 +6,12 @@
     ds["js_mean"].to_pandas()
 """
 
+from . import activations, data, interventions, models, patching
 from . import config as cfg
-from . import data, models, patching
 from .aggregate import merge_sites
 from .config import resolve_layers
-from .engine import window_layers
 from .errors import UserError
+from .job import PatchJob, touched_layers
 from .pairs import make_pairs
 from .provenance import package_versions
 from .sites import Site
@@ -44,14 +44,17 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     pairs = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
                        batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"],
                        pairing=run["pairing"])
-    extracted = sorted({w for l in layers for w in window_layers(l, run["window"], models.n_layers(model))})
-    acts = (None if run["intervention"] == "knockout" else  # knockout patches no activations in
-            patching.extract_activations(model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id,
-                                         progress))
-    if run["intervention"] == "ablate":
-        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, run["value"]), pairs)
-    per_site = patching.patch(model, pairs, acts, sites, layers, run["batch_size"], tokenizer.pad_token_id, base,
-                              progress, engine=run["engine"], window=run["window"])
+    intervention = interventions.named(run["intervention"])
+    sources = None
+    if intervention.writes_sources:
+        extracted = touched_layers(layers, run["window"], models.n_layers(model))
+        sources = activations.extract_activations(model, pairs, sites, extracted, run["batch_size"],
+                                                  tokenizer.pad_token_id, progress)
+    if intervention.pooled:
+        sources = activations.broadcast_ablation(activations.ablation_values([sources], sites, run["value"]), pairs)
+    job = PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=run["batch_size"],
+                   pad_id=tokenizer.pad_token_id, sources=sources, js_base=base, window=run["window"], progress=progress)
+    per_site = patching.patch(job, engine=run["engine"])
     ds = merge_sites(per_site, sites, base, run["seed"])
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
     ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(run["js_base"])})

@@ -10,10 +10,9 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from .errors import UserError
+from .interventions import named
+from .schema import schema
 from .sites import Site
-
-SCHEMA = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-
 
 def _with_defaults(validator_class):
     """A validator that fills in each property's `default` as it validates (the jsonschema FAQ recipe)."""
@@ -69,10 +68,6 @@ def _short(subschema):
     if subschema.get("type") == "array":
         return f"a list of {subschema.get('items', {}).get('type', 'value')}s"
     return subschema.get("type", "another value")
-
-
-def schema():
-    return yaml.safe_load(SCHEMA.read_text())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -164,12 +159,10 @@ def check_references(config):
         twice = [s for i, s in enumerate(run["sites"]) if s in run["sites"][:i]]
         if twice:
             raise ConfigError(("runs", run_name, "sites"), f"site '{twice[0]}' is listed twice")
-        if run.get("intervention") == "knockout":
-            for site in run["sites"]:
-                if config["sites"][site]["positions"] == "all":
-                    raise ConfigError(("runs", run_name, "sites"), f"knockout at site '{site}' (positions "
-                                      "'all') would block every token the last one attends to, which leaves its "
-                                      "attention undefined; use a group that keeps some, e.g. non_subject")
+        for site in run["sites"]:
+            problem = named(run["intervention"]).site_problem(site, config["sites"][site]["positions"])
+            if problem:
+                raise ConfigError(("runs", run_name, "sites"), problem)
         model = config["models"][run["model"]]
         if "builtin" in model and run["layers"] != "all":
             too_high = [l for l in run["layers"] if l >= model["builtin"]["layers"]]

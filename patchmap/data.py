@@ -3,9 +3,13 @@
 import hashlib
 import json
 import re
+import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .errors import UserError
+from .storage import DISK_FULL, atomic_path
 
 REQUIRED_FIELDS = ("subject", "prompt", "attribute")
 
@@ -135,11 +139,6 @@ def check_sha256(path, expected, what=None):
 def download(url, out, expected_sha256=None, what=None):
     """Fetch `url` (http, https or file) into `out` atomically; check its sha256 when one is expected.
     `what` names the download in messages (default: the url)."""
-    import shutil
-    import urllib.error
-    import urllib.request
-
-    from .storage import DISK_FULL, atomic_path
     with atomic_path(out) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as fh:
@@ -153,7 +152,6 @@ def download(url, out, expected_sha256=None, what=None):
 
 
 def write_jsonl(rows, path):
-    from .storage import atomic_path
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

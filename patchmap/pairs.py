@@ -1,8 +1,8 @@
-"""Pairs: tokenise facts, find subjects, record baseline predictions, and choose swap partners."""
+"""Pairs: tokenise facts, find subjects, record baseline predictions, and pair each target with its source
+(the partner choice is the intervention's, patchmap.interventions)."""
 
 import functools
 import logging
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -10,8 +10,9 @@ import xarray as xr
 
 from . import models
 from .data import subject_token_span
-from .engine import last_logprobs, pad_batch
+from .engines.hooks import last_logprobs, pad_batch
 from .errors import UserError
+from .interventions import named, outside_subject
 
 log = logging.getLogger(__name__)
 PAD = -1  # padding in stored token-id arrays
@@ -148,55 +149,9 @@ def attach_predictions(encoded, predictions):
                             "to redo it")
 
 
-def outside_subject(fact):
-    """The fact's tokens before and after its subject span, and the span's length: two prompts with the
-    same key differ in the subject's tokens at most."""
-    start, end = fact["span"]
-    return tuple(fact["ids"][:start]), tuple(fact["ids"][end:]), end - start
-
-
-def same_relation_and_shape(fact):
-    """Same relation, token length and subject span: positions line up, but the template (e.g. the
-    filler between subject and relation words) may differ."""
-    return fact["relation"], len(fact["ids"]), fact["span"]
-
-
-# swap pairing: `subject` (default) keeps every token outside the subject; `relation` is the looser one.
-PAIRINGS = {"subject": outside_subject, "relation": same_relation_and_shape}
-
-
-def swap_partners(encoded, examples, seed, pairing="subject"):
-    """Pair targets with sources that share the pairing's key (see PAIRINGS) and have another answer
-    token: positions then line up one to one. Deterministic given the seed."""
-    if pairing not in PAIRINGS:
-        raise UserError(f"unknown pairing '{pairing}'; available: {', '.join(PAIRINGS)}")
-    key = PAIRINGS[pairing]
-    rng = np.random.default_rng(seed)
-    groups = defaultdict(list)
-    for i, f in enumerate(encoded):
-        groups[key(f)].append(i)
-    pairs, no_partner = [], 0
-    for i in rng.permutation(len(encoded)):
-        f = encoded[i]
-        candidates = [j for j in groups[key(f)] if encoded[j]["answer"] != f["answer"]]
-        if not candidates:
-            no_partner += 1
-            continue
-        pairs.append((int(i), int(candidates[rng.integers(len(candidates))])))
-        if len(pairs) == examples:
-            break
-    return pairs, no_partner
-
-
 def pairs_differing_outside_subject(encoded, pairs):
     """How many (target, source) pairs differ at some token outside the subject span."""
     return sum(outside_subject(encoded[i]) != outside_subject(encoded[j]) for i, j in pairs)
-
-
-def self_partners(encoded, examples, seed, pairing=None):
-    """Each fact is its own source (noise, ablate, knockout); a seeded choice of facts."""
-    order = np.random.default_rng(seed).permutation(len(encoded))[:examples]
-    return [(int(i), int(i)) for i in order], 0
 
 
 @torch.no_grad()
@@ -214,20 +169,6 @@ def _padded(rows, width):
     return out
 
 
-INTERVENTIONS = {"swap": swap_partners, "noise": self_partners, "ablate": self_partners,
-                 "knockout": self_partners}
-
-
-def partners_for(intervention, pairing):
-    """The partner choice of an intervention: (encoded, examples, seed) -> (pairs, no_partner)."""
-    return functools.partial(INTERVENTIONS[intervention], pairing=pairing)
-
-
-def _check_intervention(intervention):
-    if intervention not in INTERVENTIONS:
-        raise UserError(f"unknown intervention '{intervention}'; available: {', '.join(INTERVENTIONS)}")
-
-
 def is_known(fact):
     return fact["top1"] == fact["answer"]
 
@@ -238,13 +179,14 @@ def make_pairs(model, tokenizer, facts, examples, seed, known_only=True, missing
     are predicted in chunks (in the given order) until `examples` pairs of known facts are found; without
     it, only the chosen targets and sources are predicted. The Python API's path; the workflow predicts
     every fact once per model and dataset instead (predict_facts, pairs_from_predictions)."""
-    _check_intervention(intervention)
+    method = named(intervention)
     encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
     encoded, n_too_long = drop_too_long(encoded, max_positions(model.config))
     choose = _known_pairs_in_chunks if known_only else _pairs_then_predictions
     candidates, pairs, no_partner, predicted = choose(model, encoded, tokenizer.pad_token_id, batch_size,
-                                                      partners_for(intervention, pairing), examples, seed)
-    std = subject_embedding_std(model, candidates) if intervention == "noise" and pairs else None
+                                                      functools.partial(method.partners, pairing=pairing), examples,
+                                                      seed)
+    std = subject_embedding_std(model, candidates) if method.adds_noise and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
               "dropped_not_known": predicted - len(candidates) if known_only else 0,
               "not_predicted": len(encoded) - predicted, "dropped_no_partner": no_partner, "pairs": len(pairs),
@@ -278,13 +220,13 @@ def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_
                            missing_subject="drop", intervention="swap", noise_scale=3.0, pairing="subject"):
     """The pairs dataset from the tokenizer and a predictions dataset (predict_facts) of every fact:
     no model needed. The workflow's path."""
-    _check_intervention(intervention)
+    method = named(intervention)
     encoded, n_missing = encode_facts(tokenizer, facts, missing_subject)
     encoded, n_too_long = drop_too_long(encoded, int(predictions.attrs.get("max_positions", 0)) or None)
     attach_predictions(encoded, predictions)
     candidates = [f for f in encoded if is_known(f)] if known_only else encoded
-    pairs, no_partner = partners_for(intervention, pairing)(candidates, examples, seed)
-    std = std_from_moments(candidates) if intervention == "noise" and pairs else None
+    pairs, no_partner = method.partners(candidates, examples, seed, pairing)
+    std = std_from_moments(candidates) if method.adds_noise and pairs else None
     counts = {"facts": len(facts), "dropped_subject_not_in_prompt": n_missing, "dropped_too_long": n_too_long,
               "dropped_not_known": len(encoded) - len(candidates), "not_predicted": 0,
               "dropped_no_partner": no_partner, "pairs": len(pairs), "examples_requested": examples,
@@ -295,7 +237,7 @@ def pairs_from_predictions(tokenizer, facts, predictions, examples, seed, known_
 def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_scale, subject_std, pairing="subject"):
     """The pairs dataset: tokenised targets and sources, subject spans, answers, baselines, counts.
 
-    `swap`: the source is another fact (see swap_partners). `noise`: the source is the clean prompt and
+    `swap`: the source is another fact (see interventions.swap_partners). `noise`: the source is the clean prompt and
     the target the same prompt with Gaussian noise of `noise_scale` times the subject embeddings' std
     (`subject_std`, over the candidate facts) added to its subject embeddings (the noise itself is drawn
     from per-example seeds stored here)."""
@@ -325,9 +267,10 @@ def pairs_dataset(known, pairs, counts, seed, known_only, intervention, noise_sc
     ds.attrs.update({f"count_{k}": v for k, v in counts.items()})
     ds.attrs.update({"intervention": intervention, "seed": seed, "known_only": int(known_only),
                      "token_padding": PAD})
-    if intervention == "swap":
+    method = named(intervention)
+    if method.uses_pairing:
         ds.attrs["pairing"] = pairing
-    if intervention == "noise":
+    if method.adds_noise:
         ds["noise_seed"] = (ex, np.random.default_rng(seed).integers(2**62, size=len(pairs)),
                             {"description": "seed of the Gaussian noise added to this target's subject embeddings"})
         ds.attrs.update({"noise_scale": float(noise_scale), "subject_embedding_std": subject_std,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+from .interventions import named
+
 PACKAGES = ("patchmap", "torch", "transformers", "tokenizers", "numpy", "xarray", "netCDF4", "scipy", "snakemake")
 
 
@@ -45,6 +48,7 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
                facts_sha256):
     run = config["runs"][run_name]
     model = config["models"][run["model"]]
+    intervention = named(run["intervention"])
     attrs = {
         "title": f"patchmap run '{run_name}': activation patching, {run['intervention']}",
         "run": run_name,
@@ -58,8 +62,8 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
         "facts_sha256": facts_sha256,
         "intervention": run["intervention"],
         "window": run["window"],
-        "ablation_value": run["value"] if run["intervention"] == "ablate" else "",
-        "noise_scale": run["noise_scale"] if run["intervention"] == "noise" else 0.0,
+        "ablation_value": run["value"] if intervention.pooled else "",
+        "noise_scale": run["noise_scale"] if intervention.adds_noise else 0.0,
         "js_base": str(run["js_base"]),
         "seed": run["seed"],
         "dtype": run["dtype"],
@@ -99,7 +103,6 @@ def hub_commit(repo_id, revision=None):
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    from .errors import UserError
     try:
         config_file = cached_file(repo_id, "config.json", revision=revision)
     except OSError as error:

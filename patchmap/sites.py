@@ -7,9 +7,10 @@ subject); patching an empty group changes nothing."""
 
 from dataclasses import dataclass
 
-COMPONENTS = ("resid", "attn", "mlp")
-POSITION_GROUPS = ("subject", "subject_first", "subject_middle", "subject_last", "after_subject_first",
-                   "after_subject_further", "relation", "non_subject", "last", "all")
+from .schema import allowed
+
+COMPONENTS = allowed("sites", "component")
+POSITION_GROUPS = allowed("sites", "positions")
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,9 @@ def positions(group, length, subject_start, subject_end):
     if group == "all":
         return list(range(length))
     raise ValueError(f"unknown position group '{group}'; known: {', '.join(POSITION_GROUPS)}")
+
+
+def site_positions(pairs, site):
+    """Token positions of `site` in each example of a pairs dataset (identical in target and source)."""
+    return [positions(site.positions, int(n), int(a), int(b))
+            for n, a, b in zip(pairs["length"].values, pairs["subject_start"].values, pairs["subject_end"].values)]

@@ -200,19 +200,16 @@ def _shard(pairs_path, run, shard):
     return pairs.isel(example=slice(a, b))
 
 
-def extracted_layers(run, run_name, n_layers):
-    """Every layer that a patch window of the run's layers touches."""
-    from .engine import window_layers
-    layers = cfg.resolve_layers(run["layers"], n_layers, f"runs.{run_name}.layers")
-    return sorted({w for layer in layers for w in window_layers(layer, run["window"], n_layers)})
-
-
 def extract_shard(config, run_name, model, tokenizer, pairs):
-    from . import models, patching
+    """The shard's source activations at every layer that a patch window of the run's layers touches."""
+    from . import activations, models
+    from .job import touched_layers
     run = config["runs"][run_name]
-    layers = extracted_layers(run, run_name, models.n_layers(model))
-    return patching.extract_activations(model, pairs, cfg.run_sites(config, run_name), layers,
-                                        run["batch_size"], tokenizer.pad_token_id)
+    n_layers = models.n_layers(model)
+    layers = cfg.resolve_layers(run["layers"], n_layers, f"runs.{run_name}.layers")
+    return activations.extract_activations(model, pairs, cfg.run_sites(config, run_name),
+                                           touched_layers(layers, run["window"], n_layers), run["batch_size"],
+                                           tokenizer.pad_token_id)
 
 
 def extract(config, run_name, pairs_path, shard, identity_path, out):
@@ -225,9 +222,9 @@ def extract(config, run_name, pairs_path, shard, identity_path, out):
 
 def ablation(config, run_name, activation_paths, out):
     """results/{run}/ablation.nc: the ablate intervention's values (zero, or the mean over all shards)."""
-    from . import patching
+    from . import activations
     run = config["runs"][run_name]
-    ds = patching.ablation_values([xr.load_dataset(p) for p in activation_paths], cfg.run_sites(config, run_name),
+    ds = activations.ablation_values([xr.load_dataset(p) for p in activation_paths], cfg.run_sites(config, run_name),
                                   run["value"])
     write_netcdf(ds, out)
 
@@ -236,25 +233,26 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     """results/{run}/patch/{shard}.nc: every site of the run on one shard, with one model load. For swap
     and noise the shard's source activations are extracted first (and written to `activations_out`);
     ablate patches in the ablation values, knockout needs no activations."""
-    from . import models, patching
+    from . import activations, interventions, models, patching
+    from .job import PatchJob
     run = config["runs"][run_name]
     model, tokenizer = load_run_model(config, run_name, identity_path)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
     sites = cfg.run_sites(config, run_name)
     pairs = _shard(pairs_path, run, shard)
-    if run["intervention"] == "ablate":
-        acts = patching.broadcast_ablation(xr.load_dataset(ablation_path), pairs)
-    elif run["intervention"] == "knockout":
-        acts = None
-    else:
-        acts = extract_shard(config, run_name, model, tokenizer, pairs)
-        write_netcdf(acts, activations_out)
+    intervention = interventions.named(run["intervention"])
+    sources = None
+    if intervention.pooled:
+        sources = activations.broadcast_ablation(xr.load_dataset(ablation_path), pairs)
+    elif intervention.writes_sources:
+        sources = extract_shard(config, run_name, model, tokenizer, pairs)
+        write_netcdf(sources, activations_out)
     log.info("patching sites %s, shard %s: %d examples x %d layers",
              ", ".join(f"{s.label} ({s.component}@{s.positions})" for s in sites), shard, pairs.sizes["example"],
              len(layers))
-    per_site = patching.patch(model, pairs, acts, sites, layers, run["batch_size"], tokenizer.pad_token_id,
-                              cfg.js_base(run), engine=run["engine"], window=run["window"])
-    write_netcdf(stack_sites(per_site, sites), out)
+    job = PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=run["batch_size"],
+                   pad_id=tokenizer.pad_token_id, sources=sources, js_base=cfg.js_base(run), window=run["window"])
+    write_netcdf(stack_sites(patching.patch(job, engine=run["engine"]), sites), out)
 
 
 def stack_sites(per_site, sites):

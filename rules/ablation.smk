@@ -1,6 +1,6 @@
 rule ablation:
     input:
-        lambda w: expand("results/{run}/activations/{shard}.nc", run=w.run, shard=shards(w.run)),
+        lambda w: expand(rules.extract.output[0], run=w.run, shard=shards(w.run)),
     output:
         "results/{run}/ablation.nc",
     params:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from patchmap import config as cfg
+from patchmap.interventions import named as named_intervention
 from patchmap.errors import UserError
 
 try:
@@ -39,8 +40,13 @@ def dataset_input(wildcards):
     return [path] if path else []
 
 
+def filled(pattern, **wildcards):
+    """One path: a rule's output pattern (rules.<rule>.output) with its wildcards filled in."""
+    return expand(pattern, **wildcards)[0]
+
+
 def facts_file(wildcards):
-    return f"results/datasets/{run_of(wildcards)['dataset']}/facts.jsonl"
+    return filled(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
 
 
 def model_identity(wildcards):
@@ -65,15 +71,16 @@ def predictions_input(wildcards):
     return cfg.predictions_file(config, wildcards.run)
 
 
-def runs_named(interventions):
-    """A wildcard pattern matching exactly the runs with one of these interventions."""
-    names = [name for name, run in config["runs"].items() if run["intervention"] in interventions]
+def runs_where(holds):
+    """A wildcard pattern matching exactly the runs whose intervention (patchmap.interventions) `holds`."""
+    names = [name for name, run in config["runs"].items() if holds(named_intervention(run["intervention"]))]
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def ablation_input(wildcards):
-    """The ablate intervention patches in values computed over the whole run (rule ablation)."""
-    return f"results/{wildcards.run}/ablation.nc" if run_of(wildcards)["intervention"] == "ablate" else []
+    """An intervention whose values are pooled over the whole run (ablate) patches them in (rule ablation)."""
+    pooled = named_intervention(run_of(wildcards)["intervention"]).pooled
+    return filled(rules.ablation.output[0], run=wildcards.run) if pooled else []
 
 
 def shards(run):
@@ -81,7 +88,7 @@ def shards(run):
 
 
 def patch_files(wildcards):
-    return expand("results/{run}/patch/{shard}.nc", run=wildcards.run, shard=shards(wildcards.run))
+    return expand(rules.patch.output.patch, run=wildcards.run, shard=shards(wildcards.run))
 
 
 # Cluster resources of the jobs that run a model (predictions, extract, patch, train_builtin_model), from the

@@ -1,7 +1,7 @@
 rule divergence:
     input:
         patches=patch_files,
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
     output:
         "results/{run}/divergence.nc",

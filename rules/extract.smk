@@ -2,7 +2,7 @@
 # shard's activations first. swap and noise extract inside each shard's patch job; knockout never does.
 rule extract:
     input:
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
     output:
         "results/{run}/activations/{shard}.nc",
@@ -14,7 +14,7 @@ rule extract:
     benchmark:
         "results/{run}/benchmarks/extract/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"ablate"}),
+        run=runs_where(lambda intervention: intervention.pooled),
     threads: model_threads
     resources:
         gpu=device_gpus,

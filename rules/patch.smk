@@ -2,11 +2,11 @@
 # shard's source activations in the same job (and write them as an output); ablate and knockout do not.
 rule patch:
     input:
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
     output:
         patch="results/{run}/patch/{shard}.nc",
-        activations="results/{run}/activations/{shard}.nc",
+        activations=rules.extract.output[0],
     params:
         run=run_of,
         sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
@@ -15,7 +15,7 @@ rule patch:
     benchmark:
         "results/{run}/benchmarks/patch/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"swap", "noise"}),
+        run=runs_where(lambda intervention: intervention.extracts_in_patch_job),
     threads: model_threads
     resources:
         gpu=device_gpus,
@@ -30,11 +30,11 @@ rule patch:
 
 rule patch_without_extraction:
     input:
-        pairs="results/{run}/pairs.nc",
+        pairs=rules.pairs.output[0],
         model=model_identity,
         ablation=ablation_input,
     output:
-        patch="results/{run}/patch/{shard}.nc",
+        patch=rules.patch.output.patch,
     params:
         run=run_of,
         sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
@@ -43,7 +43,7 @@ rule patch_without_extraction:
     benchmark:
         "results/{run}/benchmarks/patch/{shard}.tsv"
     wildcard_constraints:
-        run=runs_named({"ablate", "knockout"}),
+        run=runs_where(lambda intervention: not intervention.extracts_in_patch_job),
     threads: model_threads
     resources:
         gpu=device_gpus,

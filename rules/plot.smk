@@ -1,6 +1,6 @@
 rule heatmap:
     input:
-        "results/{run}/divergence.nc",
+        rules.divergence.output[0],
     output:
         png=report(
             "results/{run}/heatmap.png",
@@ -21,7 +21,7 @@ rule heatmap:
 
 rule lines:
     input:
-        "results/{run}/divergence.nc",
+        rules.divergence.output[0],
     output:
         png=report(
             "results/{run}/lines.png",
@@ -42,7 +42,7 @@ rule lines:
 
 rule figure:
     input:
-        lambda w: expand("results/{run}/divergence.nc", run=config["figures"][w.figure]["runs"]),
+        lambda w: expand(rules.divergence.output[0], run=config["figures"][w.figure]["runs"]),
     output:
         png=report(
             "results/figures/{figure}.png",

@@ -1,6 +1,6 @@
 rule predictions:
     input:
-        facts="results/datasets/{dataset}/facts.jsonl",
+        facts=rules.facts.output[0],
         model=model_identity,
     output:
         "results/predictions/{model}/{dataset}/{dtype}.nc",

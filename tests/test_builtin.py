@@ -10,6 +10,7 @@ import yaml
 from patchmap import builtin, stages
 from patchmap import config as cfg
 from patchmap.errors import UserError
+from patchmap.schema import SCHEMA
 
 WORLD = {"seed": 1, "name_pool": 8, "subject_sets": 5, "orders": 2, "max_filler": 3, "filler_variants": 1}
 SHAPE = {"layers": 2, "hidden": 16, "heads": 2, "mlp": 32}
@@ -18,7 +19,7 @@ SHORT = {"seed": 0, "max_steps": 6, "schedule_steps": 6, "batch_size": 8, "lr": 
 
 
 def default_config(name="config.yaml"):
-    return cfg.validate(yaml.safe_load((cfg.SCHEMA.parent / name).read_text()))
+    return cfg.validate(yaml.safe_load((SCHEMA.parent / name).read_text()))
 
 
 def default_spec(config, model="facts-llama"):

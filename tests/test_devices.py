@@ -7,11 +7,13 @@ import pytest
 import torch
 import transformers
 
+from patch_runs import extract, patch
+
 from patchmap import config as cfg
-from patchmap import models, patching, stages, synthetic
+from patchmap import models, stages, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.errors import UserError
-from patchmap.fast import FastEngine
+from patchmap.engines.fast.blocks import FastEngine
 from patchmap.pairs import make_pairs
 from patchmap.sites import Site
 
@@ -61,10 +63,7 @@ def _config(path, run=None, **model):
 
 
 def _js(model, tokenizer, pairs, engine, **options):
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, SITES, layers, 4, tokenizer.pad_token_id, False)
-    out = patching.patch(model, pairs, acts, SITES, layers, 4, tokenizer.pad_token_id, progress=False,
-                         engine=engine, **options)
+    out = patch(model, tokenizer, pairs, extract(model, tokenizer, pairs, SITES), SITES, engine=engine, **options)
     return {name: ds["js"].values for name, ds in out.items()}
 
 
@@ -98,10 +97,10 @@ def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, in
     # at the prompts' last positions), too
     as_if_spread = FastEngine(spread)
     as_if_spread.spread = True
-    for engine, options in (("reference", {}), ("fast", {}), ("fast", {"engine_object": as_if_spread})):
-        got = _js(spread, tokenizer, pairs, engine, **options)
+    for engine in ("reference", "fast", as_if_spread):
+        got = _js(spread, tokenizer, pairs, engine)
         for name, js in expected.items():
-            assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, options, name)
+            assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, name)
     assert as_if_spread.stats["clean_logit_rows"] == as_if_spread.stats["clean_tokens"] > 0
     assert max(js.max() for js in expected.values()) > 0.1  # the comparison is not between zeros
 

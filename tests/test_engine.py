@@ -3,16 +3,15 @@ import pytest
 import torch
 import xarray as xr
 
-from patchmap import models, patching, synthetic
+from patch_runs import ALL_SITES, extract, patch
+
+from patchmap import models, synthetic
 from patchmap.api import patch_heatmap
-from patchmap.engine import capture, pad_batch, patched_logprobs, position_mask
+from patchmap.engines.hooks import capture, pad_batch, patched_logprobs, position_mask
 from patchmap.errors import UserError
 from patchmap.pairs import make_pairs, token_lists
-from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+from patchmap.sites import Site
 from tolerances import LOGPROB_TOLERANCE, assert_datasets_close
-
-ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
-
 
 @pytest.fixture(scope="module")
 def pairs(tiny_model, world):
@@ -29,10 +28,8 @@ def self_pairs(pairs):
 
 
 def run_sites(model, tokenizer, pairs, sites, batch_size=4):
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
-    return {s.name: patching.patch_site(model, pairs, acts, s, layers, batch_size, tokenizer.pad_token_id,
-                                        progress=False) for s in sites}
+    acts = extract(model, tokenizer, pairs, sites, batch_size=batch_size)
+    return patch(model, tokenizer, pairs, acts, sites, batch_size=batch_size, engine="reference")
 
 
 def test_pairs_line_up(pairs):

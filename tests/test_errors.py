@@ -8,8 +8,10 @@ import pytest
 import torch
 import xarray as xr
 
+from patch_runs import extract, patch
+
 from patchmap import config as cfg
-from patchmap import models, patching, synthetic
+from patchmap import models, synthetic
 from patchmap.data import read_facts
 from patchmap.errors import UserError
 from patchmap.pairs import encode_facts, make_pairs
@@ -192,10 +194,9 @@ def test_non_finite_logits_name_site_and_layer(tiny_model, world):
     model, tokenizer = tiny_model
     pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=4, seed=0, known_only=False)
     site = Site("subj", "Subj.", "resid", "subject")
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, [site], layers, 4, tokenizer.pad_token_id, False)
+    acts = extract(model, tokenizer, pairs, [site])
     values = acts["act_subj"].values.copy()
     values[:, 1] = np.inf  # as a float16 overflow would leave them
     acts["act_subj"] = (acts["act_subj"].dims, values)
     with pytest.raises(UserError, match=r"non-finite logits \(NaN or inf\) at site Subj\. \(resid@subject\), layer 1"):
-        patching.patch_site(model, pairs, acts, site, layers, 4, tokenizer.pad_token_id, progress=False)
+        patch(model, tokenizer, pairs, acts, [site], engine="reference")

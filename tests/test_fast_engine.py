@@ -8,63 +8,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from patchmap import models, patching, synthetic
+from families import FAMILIES, build_model
+from patch_runs import ALL_SITES, engines_agree, extract, patch
+
+from patchmap import activations, models, synthetic
 from patchmap.builtin import word_tokenizer
+from patchmap.engines.fast.blocks import FastEngine
+from patchmap.engines.memory import is_out_of_memory
+from patchmap.engines import reference as reference_engine
 from patchmap.errors import UserError
-from patchmap.fast import FastEngine, is_out_of_memory
 from patchmap.pairs import make_pairs
-from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+from patchmap.sites import COMPONENTS, Site
 from tolerances import assert_datasets_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
 INIT = 0.3  # large random weights: sharp, very different next-token distributions, so differences show
-
-
-def _ids(tok):
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-
-
-def _llama_like(cls, tok, **extra):
-    return cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               initializer_range=INIT, tie_word_embeddings=False, **_ids(tok), **extra)
-
-
-FAMILIES = {
-    "llama": lambda t: _llama_like(transformers.LlamaConfig, t),
-    "mistral": lambda t: _llama_like(transformers.MistralConfig, t, sliding_window=5),
-    "qwen2": lambda t: _llama_like(transformers.Qwen2Config, t),
-    "gemma2": lambda t: _llama_like(transformers.Gemma2Config, t, head_dim=8, sliding_window=5,
-                                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
-                                    query_pre_attn_scalar=8),
-    "gemma3_text": lambda t: _llama_like(transformers.Gemma3TextConfig, t, head_dim=8, sliding_window=5,
-                                         final_logit_softcapping=5.0, query_pre_attn_scalar=8,
-                                         layer_types=["sliding_attention", "full_attention",
-                                                      "sliding_attention"]),
-    "gpt2": lambda t: transformers.GPT2Config(vocab_size=len(t), n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                              initializer_range=INIT, **_ids(t)),
-    "gpt_neox": lambda t: transformers.GPTNeoXConfig(vocab_size=len(t), hidden_size=32, intermediate_size=64,
-                                                     num_hidden_layers=3, num_attention_heads=4,
-                                                     max_position_embeddings=64, initializer_range=INIT,
-                                                     **_ids(t)),
-    "gptj": lambda t: transformers.GPTJConfig(vocab_size=len(t), n_embd=32, n_layer=3, n_head=4, rotary_dim=4,
-                                              n_positions=64, initializer_range=INIT, **_ids(t)),
-    "opt": lambda t: transformers.OPTConfig(vocab_size=len(t), hidden_size=32, ffn_dim=64, num_hidden_layers=3,
-                                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
-                                            init_std=INIT, **_ids(t)),
-    "phi": lambda t: transformers.PhiConfig(vocab_size=len(t), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
-                                            initializer_range=INIT, **_ids(t)),
-}
 
 
 def _save_and_load(name, world, directory):
     torch.manual_seed(0)
     tokenizer = word_tokenizer(synthetic.vocabulary(world))
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](tokenizer))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    model = build_model(name, len(tokenizer), layers=3, init=INIT, **ids)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     model, tokenizer = models.load(str(directory))
@@ -73,7 +40,7 @@ def _save_and_load(name, world, directory):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_model(request, tmp_path_factory, world):
+def each_family(request, tmp_path_factory, world):
     return _save_and_load(request.param, world, tmp_path_factory.mktemp(request.param))
 
 
@@ -92,30 +59,12 @@ def _pairs(model, tokenizer, world, examples=10, seed=1):
     return make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False)
 
 
-def _both(model, tokenizer, pairs, sites, batch_size=5, **options):
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
-    reference = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
-                               progress=False, engine="reference")
-    fast = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
-                          progress=False, engine="fast", **options)
-    return reference, fast
-
-
-def _assert_same(reference, fast):
-    for name, ref in reference.items():
-        got = fast[name]
-        assert got.attrs == ref.attrs and list(got.data_vars) == list(ref.data_vars)
-        assert got["js"].dims == ref["js"].dims and (got["example"].values == ref["example"].values).all()
-    assert_datasets_close(reference, fast)
-
-
-def test_fast_equals_reference_for_every_site(family_model, world):
-    model, tokenizer = family_model
+def test_fast_equals_reference_for_every_site(each_family, world):
+    model, tokenizer = each_family
     pairs = _pairs(model, tokenizer, world)
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
-    reference, fast = _both(model, tokenizer, pairs, ALL_SITES)
-    _assert_same(reference, fast)
+    reference, _, _ = engines_agree(model, tokenizer, pairs, extract(model, tokenizer, pairs, ALL_SITES, batch_size=5),
+                                    ALL_SITES, batch_size=5)
     # the comparison means something: patching moves the distribution a lot somewhere
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
 
@@ -124,15 +73,9 @@ def test_without_the_span_path_and_with_it_the_subject_row_agrees(world, load_fa
     model, tokenizer = load_family("qwen2")
     pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [s for s in ALL_SITES if s.component == "resid"]
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
-    reference = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
-                               engine="reference")
+    acts = extract(model, tokenizer, pairs, sites, batch_size=8)
     for spans in (True, False):
-        engine = FastEngine(model, spans=spans)
-        fast = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
-                              engine_object=engine)
-        _assert_same(reference, fast)
+        _, _, engine = engines_agree(model, tokenizer, pairs, acts, sites, batch_size=8, spans=spans)
         assert (engine.stats["span_runs"] > 0) == spans
 
 
@@ -141,32 +84,18 @@ def _intervention_job(model, tokenizer, world, intervention, sites, examples, se
     method, _, value = intervention.partition("-")
     pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False,
                        intervention=method, noise_scale=3.0)
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, batch_size, tokenizer.pad_token_id, False)
+    acts = extract(model, tokenizer, pairs, sites, batch_size=batch_size)
     if method == "ablate":
-        acts = patching.broadcast_ablation(patching.ablation_values([acts], sites, value), pairs)
-    return pairs, layers, acts
-
-
-def _engines_agree(model, tokenizer, pairs, acts, sites, layers, batch_size, window=1):
-    """Both engines on the same job; asserts they agree; returns the reference's, the fast engine's
-    results and the FastEngine (for its counters)."""
-    reference = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id,
-                               progress=False, engine="reference", window=window)
-    engine = FastEngine(model)
-    fast = patching.patch(model, pairs, acts, sites, layers, batch_size, tokenizer.pad_token_id, progress=False,
-                          engine_object=engine, window=window)
-    _assert_same(reference, fast)
-    assert all(ds.attrs["window"] == window for ds in fast.values())
-    return reference, fast, engine
+        acts = activations.broadcast_ablation(activations.ablation_values([acts], sites, value), pairs)
+    return pairs, acts
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(world, load_family, family, intervention):
     model, tokenizer = load_family(family)
-    pairs, layers, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 8, 1, 4)
-    reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 4)
+    pairs, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 8, 1, 4)
+    reference, _, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=4)
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
     # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
     assert (engine.stats["span_runs"] > 0) == (intervention == "noise")
@@ -178,12 +107,12 @@ def test_fast_equals_reference_with_a_patch_window(world, load_family, family, i
     """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
     blocks) on every component and position group."""
     model, tokenizer = load_family(family)
-    pairs, layers, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 6, 2, 3)
+    pairs, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 6, 2, 3)
     for window in (2, 3):
-        _, fast, engine = _engines_agree(model, tokenizer, pairs, acts, ALL_SITES, layers, 3, window)
+        _, fast, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3, window=window)
         assert engine.stats["patched_runs"] > 0
         assert (engine.stats["span_runs"] > 0) == (intervention != "ablate-mean")
-    single = patching.patch(model, pairs, acts, ALL_SITES, layers, 3, tokenizer.pad_token_id, progress=False)
+    single = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3)
     assert any(np.abs(single[s.name]["js"].values - fast[s.name]["js"].values).max() > 1e-3 for s in ALL_SITES)
 
 
@@ -192,27 +121,29 @@ def test_fast_equals_reference_for_attention_knockout(world, load_family, family
     """Knockout: the last position's attention to each position group blocked, in windows of 1 and 3."""
     model, tokenizer = load_family(family)
     sites = [s for s in ALL_SITES if s.component == "attn" and s.positions != "all"]  # knockout ignores the component
-    pairs, layers, acts = _intervention_job(model, tokenizer, world, "knockout", sites, 6, 2, 3)
+    pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=2, known_only=False,
+                       intervention="knockout")
     for window in (1, 3):
-        reference, _, engine = _engines_agree(model, tokenizer, pairs, acts, sites, layers, 3, window)
+        reference, _, engine = engines_agree(model, tokenizer, pairs, None, sites, batch_size=3, window=window)
         assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
         assert engine.stats["patched_runs"] > 0 and engine.stats["span_runs"] == 0
     everything = [Site("all", "All", "attn", "all")]
-    with pytest.raises(UserError, match="blocks every token the last token attends to"):
-        patching.patch(model, pairs, acts, everything, layers, 3, tokenizer.pad_token_id, progress=False)
+    for engine in ("fast", "reference"):
+        with pytest.raises(UserError, match="would block every token the last one attends to"):
+            patch(model, tokenizer, pairs, None, everything, batch_size=3, engine=engine)
 
 
 def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(world, load_family):
     model, tokenizer = load_family("llama")
     pairs = _pairs(model, tokenizer, world, examples=4)
     site = [Site("last", "Last.", "resid", "last")]
-    acts = patching.extract_activations(model, pairs, site, [1], 4, tokenizer.pad_token_id, False)
+    acts = extract(model, tokenizer, pairs, site, layers=[1])
     with pytest.raises(UserError, match=r"no source activations at layers \[0, 2\]"):
-        patching.patch(model, pairs, acts, site, [1], 4, tokenizer.pad_token_id, progress=False, window=3)
+        patch(model, tokenizer, pairs, acts, site, layers=[1], window=3)
 
 
-def test_layout_modules_exist_and_are_distinct(family_model):
-    model, _ = family_model
+def test_layout_modules_exist_and_are_distinct(each_family):
+    model, _ = each_family
     for layer in range(models.n_layers(model)):
         modules = [models.component_module(model, c, layer) for c in COMPONENTS]
         assert len({id(m) for m in modules}) == 3
@@ -223,10 +154,9 @@ def test_padded_batch_equals_one_at_a_time(world, load_family):
     model, tokenizer = load_family("llama")
     pairs = _pairs(model, tokenizer, world, examples=12, seed=2)
     assert len(set(pairs["length"].values.tolist())) > 1
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, ALL_SITES, layers, 12, tokenizer.pad_token_id, False)
-    together = patching.patch(model, pairs, acts, ALL_SITES, layers, 12, tokenizer.pad_token_id, progress=False)
-    alone = patching.patch(model, pairs, acts, ALL_SITES, layers, 1, tokenizer.pad_token_id, progress=False)
+    acts = extract(model, tokenizer, pairs, ALL_SITES, batch_size=12)
+    together = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=12)
+    alone = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=1)
     assert_datasets_close(alone, together)
 
 
@@ -234,27 +164,21 @@ def test_small_chunks_and_a_layer_subset_give_the_same_numbers(world, load_famil
     model, tokenizer = load_family("gpt2")
     pairs = _pairs(model, tokenizer, world, examples=6)
     sites, layers = ALL_SITES[::4], [2, 0]
-    acts = patching.extract_activations(model, pairs, sites, layers, 6, tokenizer.pad_token_id, False)
-    reference = patching.patch(model, pairs, acts, sites, layers, 6, tokenizer.pad_token_id, progress=False,
-                               engine="reference")
-    fast = patching.patch(model, pairs, acts, sites, layers, 6, tokenizer.pad_token_id, progress=False,
-                          max_tokens=7)
-    _assert_same(reference, fast)
+    acts = extract(model, tokenizer, pairs, sites, layers=layers, batch_size=6)
+    engines_agree(model, tokenizer, pairs, acts, sites, layers, batch_size=6, max_tokens=7)
 
 
 def test_out_of_memory_backs_off_without_changing_results(world, load_family, caplog):
     model, tokenizer = load_family("llama")
     pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [ALL_SITES[0], ALL_SITES[7]]
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
-    plain = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False)
+    acts = extract(model, tokenizer, pairs, sites, batch_size=8)
+    plain = patch(model, tokenizer, pairs, acts, sites, batch_size=8)
     engine = FastEngine(model, max_tokens=10_000, fail_above=40)
-    with caplog.at_level(logging.WARNING, logger="patchmap.fast"):
-        backed_off = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
-                                    engine_object=engine)
+    with caplog.at_level(logging.WARNING, logger="patchmap"):
+        backed_off = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine=engine)
     assert engine.stats["oom_retries"] > 0 and engine.max_tokens <= 40
-    assert "out of memory" in caplog.text and "retrying in smaller chunks" in caplog.text
+    assert "out of memory" in caplog.text and "retrying in halves" in caplog.text
     # smaller batches change matrix shapes, and with them float32 rounding: the same tolerance as fast vs reference
     assert_datasets_close(plain, backed_off)
 
@@ -263,21 +187,18 @@ def test_the_reference_engine_halves_a_batch_on_out_of_memory(world, load_family
     model, tokenizer = load_family("llama")
     pairs = _pairs(model, tokenizer, world, examples=8)
     sites = [ALL_SITES[0]]
-    layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
-    plain = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
-                           engine="reference")
-    patch_batch, sizes = patching.patch_batch, []
+    acts = extract(model, tokenizer, pairs, sites, batch_size=8)
+    plain = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
+    patch_batch, sizes = reference_engine.patch_batch, []
 
     def small_memory(model, site, layers, target_ids, *args, **kwargs):
         sizes.append(len(target_ids))
         if len(target_ids) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
         return patch_batch(model, site, layers, target_ids, *args, **kwargs)
-    monkeypatch.setattr(patching, "patch_batch", small_memory)
-    with caplog.at_level(logging.WARNING, logger="patchmap.patching"):
-        halved = patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False,
-                                engine="reference")
+    monkeypatch.setattr(reference_engine, "patch_batch", small_memory)
+    with caplog.at_level(logging.WARNING, logger="patchmap"):
+        halved = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     assert "out of memory patching examples 0-7" in caplog.text and "retrying in halves" in caplog.text
     assert_datasets_close(plain, halved)
@@ -320,9 +241,9 @@ def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(world, load_fami
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("last", "Last.", "resid", "last")]
     layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, sites, layers, 8, tokenizer.pad_token_id, False)
     engine = FastEngine(model)
-    patching.patch(model, pairs, acts, sites, layers, 8, tokenizer.pad_token_id, progress=False, engine_object=engine)
+    patch(model, tokenizer, pairs, extract(model, tokenizer, pairs, sites, batch_size=8), sites, batch_size=8,
+          engine=engine)
     lengths = [int(n) for n in pairs["length"].values]
     assert engine.stats["span_runs"] > 0  # the floor assumes the subject's span path
     fast = flops.fast_flops(model, engine.stats, float(sum(n * n for n in lengths)))

@@ -2,17 +2,18 @@
 
 import pytest
 import torch
-from families import family_model
+from families import build_model
+from patch_runs import extract, patch
 
-from patchmap import models, patching, synthetic
+from patchmap import activations, models, synthetic
 from patchmap.api import patch_heatmap
 from patchmap.builtin import word_tokenizer
-from patchmap.engine import (hooks, knockout_hook, last_logprobs, pad_batch, patched_logprobs, position_mask,
-                             replace_hook)
+from patchmap.engines.hooks import (capture, hooks, knockout_hook, last_logprobs, pad_batch, patched_logprobs,
+                                    position_mask, replace_hook)
 from patchmap.metrics import js_divergence
 from patchmap.pairs import make_pairs, token_lists
 from tolerances import LOGPROB_TOLERANCE
-from patchmap.sites import COMPONENTS, Site
+from patchmap.sites import COMPONENTS, Site, site_positions
 
 SITES = {f"{c}-{p}": {"component": c, "positions": p} for c in COMPONENTS for p in ("subject", "last", "relation")}
 
@@ -33,12 +34,12 @@ def test_zero_ablation_equals_patching_in_zero(tiny_model, self_pairs, component
     model, tokenizer = tiny_model
     site = Site("s", "S", component, "subject")
     layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, self_pairs, [site], layers, 6, tokenizer.pad_token_id, False)
-    zero = patching.broadcast_ablation(patching.ablation_values([acts], [site], "zero"), self_pairs)
-    ds = patching.patch_site(model, self_pairs, zero, site, layers, 3, tokenizer.pad_token_id, progress=False)
+    acts = extract(model, tokenizer, self_pairs, [site], batch_size=6)
+    zero = activations.broadcast_ablation(activations.ablation_values([acts], [site], "zero"), self_pairs)
+    ds = patch(model, tokenizer, self_pairs, zero, [site], batch_size=3, engine="reference")["s"]
     ids, mask, pos, lengths = batch(self_pairs, tokenizer)
     target = last_logprobs(model, ids, mask, pos, lengths)
-    where = position_mask(patching.site_positions(self_pairs, site), ids.shape[1], "cpu")
+    where = position_mask(site_positions(self_pairs, site), ids.shape[1], "cpu")
     for layer in layers:
         zeros = torch.zeros(*ids.shape, model.config.hidden_size)
         expected = js_divergence(patched_logprobs(model, component, layer, ids, mask, pos, lengths, where, zeros),
@@ -80,7 +81,7 @@ def test_knockout_of_no_edges_changes_nothing(tiny_model, self_pairs):
 def test_knocking_out_every_earlier_edge_equals_the_last_token_alone(tmp_path, world, family):
     tokenizer = word_tokenizer(synthetic.vocabulary(world))
     torch.manual_seed(1)
-    family_model(family, len(tokenizer), layers=3).save_pretrained(tmp_path)
+    build_model(family, len(tokenizer), layers=3).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, tokenizer = models.load(str(tmp_path))
     prompts = [f["prompt"] for f in synthetic.facts(world)[:5]]
@@ -112,15 +113,14 @@ def test_window_of_one_is_plain_patching_and_wider_windows_patch_neighbours(tiny
     pairs = make_pairs(model, tokenizer, facts, examples=6, seed=0, known_only=False)
     site = Site("s", "S", "mlp", "subject")
     layers = list(range(models.n_layers(model)))
-    acts = patching.extract_activations(model, pairs, [site], layers, 6, tokenizer.pad_token_id, False)
-    one = patching.patch_site(model, pairs, acts, site, layers, 6, tokenizer.pad_token_id, progress=False, window=1)
-    three = patching.patch_site(model, pairs, acts, site, layers, 6, tokenizer.pad_token_id, progress=False, window=3)
+    acts = extract(model, tokenizer, pairs, [site], batch_size=6)
+    one = patch(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=1)["s"]
+    three = patch(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=3)["s"]
     ids, mask, pos, lengths = batch(pairs, tokenizer)
     src = batch(pairs, tokenizer, "source")
-    from patchmap.engine import capture
     store, _ = capture(model, *src, ["mlp"], layers)
     target = last_logprobs(model, ids, mask, pos, lengths)
-    where = position_mask(patching.site_positions(pairs, site), ids.shape[1], "cpu")
+    where = position_mask(site_positions(pairs, site), ids.shape[1], "cpu")
     for layer in layers:
         single = patched_logprobs(model, "mlp", layer, ids, mask, pos, lengths, where, store[("mlp", layer)])
         torch.testing.assert_close(torch.from_numpy(one["js"].sel(layer=layer).values), js_divergence(single, target),

@@ -12,8 +12,10 @@ import yaml
 from transformers import LlamaForCausalLM
 from workflow_utils import REPO, TINY, count_model_loads, finished_workflow, snakemake, write_config
 
+from patch_runs import extract, patch
+
 from patchmap import config as cfg
-from patchmap import models, pairs, patching, provenance, synthetic
+from patchmap import activations, models, pairs, provenance, synthetic
 from patchmap.builtin import llama_config, word_tokenizer
 from patchmap.errors import UserError
 from patchmap.sites import Site
@@ -93,14 +95,12 @@ def test_all_sites_in_one_call_equal_one_site_at_a_time(tiny_model, world, inter
     model, tokenizer = tiny_model
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("mlp", "MLP", "mlp", "subject_last")]
-    layers = list(range(models.n_layers(model)))
     p = pairs.make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=0, known_only=False,
                          intervention=intervention)
-    acts = (None if intervention == "knockout" else
-            patching.extract_activations(model, p, sites, layers, 4, tokenizer.pad_token_id, False))
-    together = patching.patch(model, p, acts, sites, layers, 4, tokenizer.pad_token_id, progress=False)
+    acts = None if intervention == "knockout" else extract(model, tokenizer, p, sites)
+    together = patch(model, tokenizer, p, acts, sites)
     for site in sites:
-        alone = patching.patch(model, p, acts, [site], layers, 4, tokenizer.pad_token_id, progress=False)[site.name]
+        alone = patch(model, tokenizer, p, acts, [site])[site.name]
         np.testing.assert_allclose(together[site.name]["js"].values, alone["js"].values, atol=1e-6)
 
 
@@ -186,7 +186,7 @@ def test_the_ablation_mean_spans_shards_with_different_numbers_of_slots():
         return xr.Dataset({"act_rel": (("example", "layer", "slot_rel", "hidden"), act)}, coords={"layer": [0]})
 
     shards = [shard(2, 2, [2, 1]), shard(2, 3, [3, 1])]
-    values = patching.ablation_values(shards, [site], "mean")["act_rel"].values  # [layer, slot, hidden]
+    values = activations.ablation_values(shards, [site], "mean")["act_rel"].values  # [layer, slot, hidden]
     together = np.full((4, 1, 3, 4), np.nan)
     together[:2, :, :2], together[2:] = shards[0]["act_rel"].values, shards[1]["act_rel"].values
     np.testing.assert_allclose(values, np.nanmean(together, axis=0), rtol=1e-6)

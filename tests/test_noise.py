@@ -3,13 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from patch_runs import extract, patch
+from tolerances import LOGPROB_TOLERANCE
 
-from patchmap import models, patching, synthetic
-from patchmap.engine import capture, hooks, last_logprobs, noise_hooks, pad_batch, patched_logprobs, position_mask
+from patchmap import synthetic
+from patchmap.engines.hooks import (capture, hooks, last_logprobs, noise_hooks, pad_batch, patched_logprobs,
+                                    position_mask)
+from patchmap.interventions import INTERVENTIONS
 from patchmap.metrics import js_divergence
 from patchmap.pairs import make_pairs, token_lists
-from tolerances import LOGPROB_TOLERANCE
 from patchmap.sites import Site
+
+NOISE = INTERVENTIONS["noise"]
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +33,15 @@ def test_noise_pairs_are_clean_sources_of_themselves(noise_pairs):
 
 def test_noise_is_only_on_subject_tokens_and_seeded(noise_pairs):
     n, width = noise_pairs.sizes["example"], noise_pairs.sizes["token"]
-    a = patching.target_noise(noise_pairs, 0, n, width, 16)
-    b = patching.target_noise(noise_pairs, 0, n, width, 16)
+    a = NOISE.target_noise(noise_pairs, 0, n, width, 16)
+    b = NOISE.target_noise(noise_pairs, 0, n, width, 16)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     for i in range(n):
         start, end = int(noise_pairs["subject_start"][i]), int(noise_pairs["subject_end"][i])
         assert a[i, start:end].abs().sum() > 0
         assert a[i, :start].abs().sum() == 0 and a[i, end:].abs().sum() == 0
     # a shard computes the same noise for an example as the whole set does
-    torch.testing.assert_close(patching.target_noise(noise_pairs, 3, 5, width, 16), a[3:5], rtol=0, atol=0)
+    torch.testing.assert_close(NOISE.target_noise(noise_pairs, 3, 5, width, 16), a[3:5], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -45,7 +50,7 @@ def test_restoring_every_position_recovers_the_clean_distribution(tiny_model, no
     hidden = model.config.hidden_size
     ids, mask, pos, lengths = pad_batch(token_lists(noise_pairs, "target_ids"), tokenizer.pad_token_id, "cpu")
     clean_store, clean = capture(model, ids, mask, pos, lengths, ["resid"], [layer])
-    noise = patching.target_noise(noise_pairs, 0, len(lengths), ids.shape[1], hidden)
+    noise = NOISE.target_noise(noise_pairs, 0, len(lengths), ids.shape[1], hidden)
     everywhere = position_mask([list(range(n)) for n in lengths.tolist()], ids.shape[1], "cpu")
     with hooks(noise_hooks(model, noise)):
         corrupted = last_logprobs(model, ids, mask, pos, lengths)
@@ -58,10 +63,9 @@ def test_restoring_every_position_recovers_the_clean_distribution(tiny_model, no
 
 def test_noise_through_the_stages(tiny_model, noise_pairs):
     model, tokenizer = tiny_model
-    layers = list(range(models.n_layers(model)))
     site = Site("all", "All", "resid", "all")
-    acts = patching.extract_activations(model, noise_pairs, [site], layers, 4, tokenizer.pad_token_id, False)
-    ds = patching.patch_site(model, noise_pairs, acts, site, layers, 4, tokenizer.pad_token_id, progress=False)
+    acts = extract(model, tokenizer, noise_pairs, [site])
+    ds = patch(model, tokenizer, noise_pairs, acts, [site], engine="reference")["all"]
     # every position restored: the clean answer's probability is the clean run's, at every layer
     clean_p = noise_pairs["target_p_answer"].values[:, None]
     np.testing.assert_allclose(ds["p_target_answer"].values, np.broadcast_to(clean_p, ds["p_target_answer"].shape),

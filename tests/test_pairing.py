@@ -8,6 +8,7 @@ from patchmap import config as cfg
 from patchmap import synthetic
 from patchmap.errors import UserError
 from patchmap.pairs import make_pairs, token_lists
+from patchmap.schema import SCHEMA
 
 
 def outside_the_subject(pairs, variable):
@@ -66,7 +67,7 @@ def test_an_unknown_pairing_is_a_user_error(tiny_model, world):
 
 
 def test_the_config_defaults_to_subject_pairing_and_checks_the_value():
-    config = yaml.safe_load((cfg.SCHEMA.parent / "config.yaml").read_text())
+    config = yaml.safe_load((SCHEMA.parent / "config.yaml").read_text())
     assert cfg.validate(config)["runs"]["default"]["pairing"] == "subject"
     config["runs"]["default"]["pairing"] = "template"
     with pytest.raises(UserError, match="runs.default.pairing: 'template' is not one of"):

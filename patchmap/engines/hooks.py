@@ -1,4 +1,5 @@
-"""The reference patching engine: forward hooks on the model's own modules, one layer per forward.
+"""What both engines share: padded batches, forward hooks that read, replace, add to or mask a module's
+activations, the last position's log-probs, and the one check for non-finite logits.
 
 Prompts are right-padded: with causal attention, padding after a prompt's last token cannot change
 any of its positions, and position ids stay 0..n-1, so no per-architecture position handling is needed.
@@ -8,9 +9,9 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import UserError
-from .metrics import patch_metrics
-from .models import attention_module, blocks, component_module, input_device
+from ..errors import UserError
+from ..metrics import ROWS
+from ..models import component_module
 
 
 def pad_batch(sequences, pad_id, device):
@@ -25,20 +26,21 @@ def pad_batch(sequences, pad_id, device):
     return ids.to(device), mask.to(device), positions.to(device), lengths.to(device)
 
 
-def is_out_of_memory(error):
-    """True for CUDA and CPU allocation failures (torch.OutOfMemoryError or the allocators' messages)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in message
-                                                or "DefaultCPUAllocator: can't allocate" in message)
+def position_mask(position_lists, width, device):
+    """[B, width] boolean: true at each example's positions."""
+    mask = torch.zeros(len(position_lists), width, dtype=torch.bool)
+    for i, ps in enumerate(position_lists):
+        mask[i, ps] = True
+    return mask.to(device)
 
 
-def _output_tensor(output):
+def output_tensor(output):
+    """A module's output hidden state (the first item of a tuple output)."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _with_tensor(output, tensor):
+def with_tensor(output, tensor):
+    """The module's output with its hidden state replaced by `tensor`."""
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
@@ -59,18 +61,18 @@ def replace_hook(mask, values):
     """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output. An output flattened
     to [B * T, H] (OPT's fc2) is patched in the same places and keeps its shape."""
     def hook(module, args, output):
-        hidden = _output_tensor(output)
+        hidden = output_tensor(output)
         shaped = hidden.view(*mask.shape, hidden.shape[-1])
         patched = torch.where(mask.to(hidden.device)[..., None], values.to(hidden.device, hidden.dtype), shaped)
-        return _with_tensor(output, patched.view(hidden.shape))
+        return with_tensor(output, patched.view(hidden.shape))
     return hook
 
 
 def add_hook(delta):
     """Add `delta` [B, T, H] to a module's output (the noise intervention, on the input embeddings)."""
     def hook(module, args, output):
-        hidden = _output_tensor(output)
-        return _with_tensor(output, hidden + delta.to(hidden.device, hidden.dtype))
+        hidden = output_tensor(output)
+        return with_tensor(output, hidden + delta.to(hidden.device, hidden.dtype))
     return hook
 
 
@@ -108,8 +110,19 @@ def knockout_hook(blocked, query):
 
 def capture_hook(store, key):
     def hook(module, args, output):
-        store[key] = _output_tensor(output).detach()
+        store[key] = output_tensor(output).detach()
     return hook
+
+
+def check_finite(logits, where):
+    """Stop with a patchmap error if a row of `logits` [R, V] holds NaN or inf. `where` names the run: a
+    string, or a function of the first bad row's index that returns one."""
+    if not len(logits):
+        return
+    finite = torch.cat([torch.isfinite(logits[r:r + ROWS]).all(-1) for r in range(0, len(logits), ROWS)])
+    if not finite.all():
+        place = where(int(torch.nonzero(~finite)[0, 0])) if callable(where) else where
+        raise UserError(f"non-finite logits (NaN or inf){place}; try dtype float32 or bfloat16")
 
 
 @torch.no_grad()
@@ -117,8 +130,7 @@ def last_logprobs(model, ids, mask, positions, lengths, where=""):
     """float32 log-softmax of the next-token logits at each prompt's last position."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     last = logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1].float()
-    if not torch.isfinite(last).all():
-        raise UserError(f"non-finite logits (NaN or inf){where}; try dtype float32 or bfloat16")
+    check_finite(last, where)
     return torch.log_softmax(last, dim=-1)
 
 
@@ -137,54 +149,3 @@ def patched_logprobs(model, component, layer, ids, mask, positions, lengths, pat
     """Last-position log-probs of the target with `values` written into `component` at `layer`."""
     with hooks([(component_module(model, component, layer), replace_hook(patch_mask, values))]):
         return last_logprobs(model, ids, mask, positions, lengths, where)
-
-
-def window_layers(layer, window, n_layers):
-    """The layers patched together for `layer`: [layer - window//2, layer - window//2 + window), clipped."""
-    start = layer - window // 2
-    return list(range(max(start, 0), min(start + window, n_layers)))
-
-
-def position_mask(position_lists, width, device):
-    mask = torch.zeros(len(position_lists), width, dtype=torch.bool)
-    for i, ps in enumerate(position_lists):
-        mask[i, ps] = True
-    return mask.to(device)
-
-
-@torch.no_grad()
-def patch_batch(model, site, layers, target_ids, position_lists, source_values, target_answer,
-                source_answer, pad_id, base=2.0, target_noise=None, window=1, knockout=False):
-    """Metrics for one batch of examples at one site, every layer in `layers`.
-
-    For each layer l the target runs with the source activation written in at the site's positions in
-    every layer of window_layers(l, window); `source_values[layer]` is a [B, T, H] tensor holding it
-    (anything elsewhere). With `knockout`, the target instead runs with the attention edges from its last
-    position to the site's positions blocked in those layers (source_values unused). `target_noise`
-    [B, T, H], if given, is added to the target's input embeddings in every target run, patched or not.
-    Returns {metric: [B, len(layers)]} on the CPU.
-    """
-    device = input_device(model)
-    ids, mask, pos, lengths = pad_batch(target_ids, pad_id, device)
-    patch_mask = position_mask(position_lists, ids.shape[1], device)
-    n_layers = len(blocks(model))
-
-    def run_hooks(layer):
-        if knockout:
-            return [(attention_module(model, l), knockout_hook(patch_mask, lengths - 1), "pre")
-                    for l in window_layers(layer, window, n_layers)]
-        return [(component_module(model, site.component, l), replace_hook(patch_mask, source_values[l]))
-                for l in window_layers(layer, window, n_layers)]
-
-    with hooks(noise_hooks(model, target_noise)):
-        target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
-        target_answer = torch.as_tensor(target_answer, device=target.device)
-        source_answer = torch.as_tensor(source_answer, device=target.device)
-        per_layer = []
-        for layer in layers:
-            with hooks(run_hooks(layer)):
-                patched = last_logprobs(model, ids, mask, pos, lengths,
-                                        f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
-            per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, target, target_answer,
-                                                                   source_answer, base).items()})
-    return {k: torch.stack([m[k] for m in per_layer], dim=1) for k in per_layer[0]}

@@ -1,0 +1,32 @@
+"""The fast patching engine: many patched runs per forward, and nothing recomputed that a patch cannot change.
+
+For a batch of examples, the unpatched target runs once through the model's own forward. Hooks record
+each decoder block's input hidden state and call arguments (masks, rotary embeddings, position ids), and
+a recording cache records each layer's keys and values. The patched runs then never go through the
+model's forward; they go through its decoder blocks, called directly, on a schedule over layers:
+
+- a run patched at layer l joins the batch at block l (attn, mlp: with the clean block input, and a hook
+  on the component writes the source activation into that run's rows) or at block l + 1 (resid: the
+  block's clean output with the source activation written in), so blocks before a run's layer are
+  never recomputed for it, and every run active at a block shares one call of that block; with a patch
+  window, l is the window's first layer and the source is written in again at each later layer of it;
+  a knockout run (the last position's attention to the site's positions blocked) computes only the last
+  position, from the window's first block on, with those keys masked in the window's blocks;
+- only positions from the first patched position on (the suffix) are computed: earlier positions are
+  identical to the clean run, so their keys and values come from the recording as a prefix cache (for
+  a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
+- the last block runs its MLP at the last position only (nothing else of it feeds the output), and
+  logits are computed only there (final norm and output embedding applied to that position's hidden
+  state; Gemma's final softcapping included), for every site and layer of a batch in one call.
+
+Runs are grouped by how many positions they compute, not by where they start: each row of a block call
+gets its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest
+prefix, the padding masked), so no run computes padding. Runs are chunked to a budget of (runs x suffix
+positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a
+warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes.
+The reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
+tests/test_fast_engine.py compares this engine with.
+
+The files: blocks.py (FastEngine: the clean run and block calls of patched runs), schedule.py (which runs
+share a block call), driver.py (patch: the job, batch by batch and site by site, and its metrics).
+"""

@@ -1,0 +1,147 @@
+"""The fast engine's schedule: which runs share a block call. A run is one (example, layer) of a site on
+one clean batch; runs are grouped by how many positions they compute (not by where they start), chunked
+to a token budget, and halved when a chunk runs out of memory. RowIndex describes the rows of one block
+call: each row's example, first computed position and prefix."""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+
+class RowIndex:
+    """Rows of a block call: row r is a run on clean example examples[r] at positions
+    [starts[r], starts[r] + width); its prefix (positions before starts[r]) is read from a cache padded to
+    `prefix` positions (at least the longest start, given by the caller so that no device sync is
+    needed), and masked beyond starts[r]."""
+
+    def __init__(self, examples, starts, width, prefix):
+        self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
+        self.positions = starts[:, None] + torch.arange(width, device=starts.device)    # [R, W]
+
+    def to(self, device):
+        """This index with its tensors on `device` (the device of a block it is used in)."""
+        if self.examples.device == device:
+            return self
+        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix)
+
+    def first(self, rows):
+        """The index of the first `rows` rows (runs join the batch at the end)."""
+        if rows == len(self.examples):
+            return self
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix)
+
+    @property
+    def keys(self):
+        prefix = torch.arange(self.prefix, device=self.starts.device).expand(len(self.examples), self.prefix)
+        return torch.cat([prefix, self.positions], dim=1)                          # [R, P + W]
+
+    @property
+    def valid(self):
+        prefix = torch.arange(self.prefix, device=self.starts.device)[None, :] < self.starts[:, None]
+        return torch.cat([prefix, torch.ones_like(self.positions, dtype=torch.bool)], dim=1)
+
+    def rows_in(self, tensor):
+        """Each row's index into `tensor`'s first dimension: its example, or 0 where that is shared (1)."""
+        return self.examples if tensor.shape[0] > 1 else torch.zeros_like(self.examples)
+
+    def gather(self, tensor):
+        """tensor [B or 1, T, ...] at each row's example and positions: [R, W, ...]."""
+        return tensor[self.rows_in(tensor).to(tensor.device)[:, None], self.positions.to(tensor.device)]
+
+
+@dataclass
+class Group:
+    """Examples of one clean batch whose runs at a site compute the same number of positions."""
+    index: RowIndex           # clean-batch rows, first computed position of each, positions computed per run
+    writes: tuple             # (example row, position - start, slot) of each source activation written
+    span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
+    knockout: bool = False    # knockout runs: the last position only, nothing written
+
+    @property
+    def examples(self):
+        return self.index.examples
+
+    @property
+    def starts(self):
+        return self.index.starts
+
+    @property
+    def width(self):
+        return self.index.width
+
+
+def groups(positions, lengths, use_prefix, spans, layer_ids, max_tokens, device, knockout=False):
+    """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
+    many positions each run computes (length - first computed position; for knockout only the last
+    position changes) and by whether the span path applies, then split to the token budget `max_tokens`
+    (runs x suffix positions per block call)."""
+    by_key = defaultdict(list)
+    for e, ps in enumerate(positions):
+        if ps:
+            span = spans[e] if spans is not None else None
+            first = int(lengths[e]) - 1 if knockout else min(ps)
+            start = span if span is not None else (first if use_prefix else 0)
+            by_key[(int(lengths[e]) - start, span is not None)].append((e, start))
+    out = []
+    for (width, span), members in sorted(by_key.items()):
+        for picked, lis in chunks(max_tokens, len(members), layer_ids, width):
+            out.append((group([members[i] for i in picked], positions, width, span, device, knockout), lis))
+    return out
+
+
+def chunks(max_tokens, n_examples, layer_ids, width):
+    """Split (examples, layers) so that runs x suffix width stays within the token budget."""
+    runs = max(1, max_tokens // max(width, 1))
+    if runs >= len(layer_ids):
+        step = runs // len(layer_ids)
+        return [(list(range(a, min(a + step, n_examples))), list(layer_ids))
+                for a in range(0, n_examples, step)]
+    return [([e], list(layer_ids[a:a + runs])) for e in range(n_examples)
+            for a in range(0, len(layer_ids), runs)]
+
+
+def group(members, positions, width, span, device, knockout=False):
+    """The Group of `members` (example, first computed position), with the source writes of each."""
+    writes = ([], [], [])
+    if not span and not knockout:
+        for r, (e, start) in enumerate(members):
+            for slot, p in enumerate(positions[e]):
+                for column, value in zip(writes, (r, p - start, slot)):
+                    column.append(value)
+    examples = torch.as_tensor([e for e, _ in members], device=device)
+    starts = torch.as_tensor([s for _, s in members], device=device)
+    return Group(RowIndex(examples, starts, width, max(s for _, s in members)),
+                 tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span, knockout)
+
+
+def split(chunk, positions, device):
+    """A chunk that ran out of memory, halved: by examples if it has more than one, else by layers."""
+    runs, lis = chunk
+    members = list(zip(runs.examples.tolist(), runs.starts.tolist()))
+    if len(members) > 1:
+        half = len(members) // 2
+        return [(group(part, positions, runs.width, runs.span, device, runs.knockout), lis)
+                for part in (members[:half], members[half:])]
+    if len(lis) > 1:
+        half = len(lis) // 2
+        return [(runs, lis[:half]), (runs, lis[half:])]
+    return None
+
+
+def spans(site, positions, lengths, first, available, n_layers, same_until, use_prefix):
+    """For each example, the end of its patched span if the span path applies: a resid site whose
+    positions are one run [start, stop) before the last token, where target and source run the same up to
+    `start` (`same_until[e]`: the first position at which they may differ, by token or by noise), with
+    the source activation of every layer from the first patched one (`first`) on among the `available`
+    ones (it is the input of the blocks after it). Else None; None for all when `same_until` is None (the
+    intervention's source is no run). Any patch window gives the same runs as its first layer alone: the
+    later layers' source activations are what the span holds there anyway."""
+    if same_until is None or site.component != "resid" or not use_prefix \
+            or not set(range(first, n_layers - 1)) <= available:
+        return None
+    out = []
+    for ps, n, same in zip(positions, lengths, same_until):
+        ok = ps and ps == list(range(ps[0], ps[-1] + 1)) and ps[-1] + 1 < n and ps[0] <= same
+        out.append(ps[-1] + 1 if ok else None)
+    return out

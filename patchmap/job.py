@@ -1,0 +1,67 @@
+"""The patch job: everything the patch stage computes from, handed to either engine (patchmap.patching),
+and the one builder of its per-site result."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .interventions import named
+from .metrics import METRICS
+
+
+def window_layers(layer, window, n_layers):
+    """The layers patched together for `layer`: [layer - window//2, layer - window//2 + window), clipped."""
+    start = layer - window // 2
+    return list(range(max(start, 0), min(start + window, n_layers)))
+
+
+def touched_layers(layers, window, n_layers):
+    """Every layer that the patch window of some layer in `layers` touches (where sources are needed)."""
+    return sorted({k for layer in layers for k in window_layers(layer, window, n_layers)})
+
+
+def batches(n, batch_size):
+    """(a, b): the examples a..b - 1 of each batch of `batch_size` out of n."""
+    return [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+
+
+@dataclass
+class PatchJob:
+    """Patch every site in `sites` at every layer in `layers`, for every example of `pairs`.
+
+    `sources`: the source activations (patchmap.activations: extracted, or the ablation values broadcast
+    to every example), None for an intervention that writes none (knockout). `window`: each layer's run
+    patches window_layers(layer, window). `js_base`: 2 or e. Batches hold `batch_size` examples, padded
+    with `pad_id`."""
+    model: Any
+    pairs: xr.Dataset
+    sites: list
+    layers: list
+    batch_size: int
+    pad_id: int
+    sources: Any = None
+    js_base: float = 2.0
+    window: int = 1
+    progress: bool = True
+
+    @property
+    def intervention(self):
+        return named(self.pairs.attrs.get("intervention", "swap"))
+
+    @property
+    def n_examples(self):
+        return self.pairs.sizes["example"]
+
+    def batches(self):
+        return batches(self.n_examples, self.batch_size)
+
+    def site_result(self, site, metrics):
+        """One site's per-example metrics {metric: [example, layer] array} as the dataset both engines
+        return (and stages.stack_sites stacks)."""
+        data = {k: (("example", "layer"), metrics[k], {"description": METRICS[k]}) for k in METRICS}
+        ds = xr.Dataset(data, coords={"example": self.pairs["example"].values, "layer": np.asarray(self.layers)})
+        ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
+                         "positions": site.positions, "js_base": self.js_base, "window": self.window})
+        return ds

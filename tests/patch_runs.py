@@ -1,0 +1,44 @@
+"""Patch jobs in tests: every site, a job on either engine in one call, and the check that both engines
+agree."""
+
+from patchmap import activations, models, patching
+from patchmap.engines.fast.blocks import FastEngine
+from patchmap.job import PatchJob
+from patchmap.sites import COMPONENTS, POSITION_GROUPS, Site
+from tolerances import assert_datasets_close
+
+ALL_SITES = [Site(f"{c}-{p}", f"{c}@{p}", c, p) for c in COMPONENTS for p in POSITION_GROUPS]
+
+
+def all_layers(model):
+    return list(range(models.n_layers(model)))
+
+
+def extract(model, tokenizer, pairs, sites, layers=None, batch_size=4):
+    """The source activations of `pairs` at `sites`, every layer unless `layers` says otherwise."""
+    return activations.extract_activations(model, pairs, sites, all_layers(model) if layers is None else layers,
+                                           batch_size, tokenizer.pad_token_id, False)
+
+
+def patch(model, tokenizer, pairs, sources, sites, layers=None, batch_size=4, engine="fast", window=1, **options):
+    """patching.patch on the job these make up (every layer unless `layers` says otherwise)."""
+    job = PatchJob(model=model, pairs=pairs, sites=sites, layers=all_layers(model) if layers is None else layers,
+                   batch_size=batch_size, pad_id=tokenizer.pad_token_id, sources=sources, window=window,
+                   progress=False)
+    return patching.patch(job, engine=engine, **options)
+
+
+def engines_agree(model, tokenizer, pairs, sources, sites, layers=None, batch_size=4, window=1, **options):
+    """Both engines on the same job; asserts that they agree (the same datasets, the same numbers within
+    tests/tolerances.py); returns the reference's results, the fast engine's and the FastEngine (for its
+    counters). `options` go to FastEngine."""
+    reference = patch(model, tokenizer, pairs, sources, sites, layers, batch_size, "reference", window)
+    engine = FastEngine(model, **options)
+    fast = patch(model, tokenizer, pairs, sources, sites, layers, batch_size, engine, window)
+    for name, ref in reference.items():
+        got = fast[name]
+        assert got.attrs == ref.attrs and list(got.data_vars) == list(ref.data_vars)
+        assert got["js"].dims == ref["js"].dims and (got["example"].values == ref["example"].values).all()
+        assert got.attrs["window"] == window
+    assert_datasets_close(reference, fast)
+    return reference, fast, engine

@@ -1,0 +1,111 @@
+"""The package's layout: imports run one way (no cycle between patchmap's modules, no private name taken
+from another module), and the Python tables of allowed values agree with config/schema.yaml."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from patchmap import interventions, patching, sites
+from patchmap.schema import allowed
+
+PACKAGE = Path(__file__).resolve().parent.parent / "patchmap"
+
+
+def module_name(path, root=PACKAGE):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(module, is_package, node):
+    """The absolute module a `from ... import` refers to."""
+    if node.level == 0:
+        return node.module
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(root=PACKAGE):
+    """{module: {(imported module, names taken from it, line)}} for every patchmap module, at any depth
+    of the file (imports inside functions count too); `from .x import y` where y is a module counts as
+    an import of that module."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    out = {}
+    for module, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                target = resolve(module, path.name == "__init__.py", node)
+                for alias in node.names:
+                    submodule = f"{target}.{alias.name}"
+                    if submodule in files:
+                        found.add((submodule, "", node.lineno))
+                    else:
+                        found.add((target, alias.name, node.lineno))
+            elif isinstance(node, ast.Import):
+                found.update((alias.name, "", node.lineno) for alias in node.names)
+        out[module] = {f for f in found if f[0] in files}
+    return out
+
+
+def cycles(graph):
+    """Every import cycle (as a list of modules) in {module: {imported modules}}."""
+    found, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == "open":
+                found.append(path[path.index(other):] + [other])
+            elif other not in state:
+                visit(other, path + [other])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return found
+
+
+def private_imports(found):
+    """(module, imported module, name, line) for each private name imported from another module."""
+    return [(module, source, name, line) for module, entries in found.items() for source, name, line in entries
+            if name.startswith("_") and not name.startswith("__") and source != module]
+
+
+def test_no_import_cycle_between_patchmap_modules():
+    found = imports()
+    graph = {module: {source for source, _, _ in entries if source != module} for module, entries in found.items()}
+    assert cycles(graph) == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    assert private_imports(imports()) == []
+
+
+def test_the_checks_find_a_planted_cycle_and_a_private_import(tmp_path):
+    package = tmp_path / "patchmap"
+    (package / "engines").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "engines" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .engines import b\n")
+    (package / "engines" / "b.py").write_text("def f():\n    from ..a import _hidden\n")
+    found = imports(package)
+    graph = {module: {source for source, _, _ in entries} for module, entries in found.items()}
+    assert cycles(graph) == [["patchmap.a", "patchmap.engines.b", "patchmap.a"]]
+    assert private_imports(found) == [("patchmap.engines.b", "patchmap.a", "_hidden", 2)]
+
+
+@pytest.mark.parametrize("key, table", [("intervention", interventions.INTERVENTIONS), ("engine", patching.ENGINES),
+                                        ("pairing", interventions.PAIRINGS)])
+def test_each_allowed_value_has_exactly_one_entry_in_its_table(key, table):
+    assert sorted(table) == sorted(allowed("runs", key))
+
+
+def test_every_allowed_position_group_has_positions():
+    for group in allowed("sites", "positions"):
+        assert isinstance(sites.positions(group, 8, 2, 4), list)
+    with pytest.raises(ValueError, match="unknown position group"):
+        sites.positions("elsewhere", 8, 2, 4)
