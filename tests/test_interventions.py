@@ -12,7 +12,7 @@ from patchmap.engines.hooks import (capture, hooks, knockout_hook, last_logprobs
                                     position_mask, replace_hook)
 from patchmap.metrics import js_divergence
 from patchmap.pairs import make_pairs, token_lists
-from tolerances import LOGPROB_TOLERANCE
+from tolerances import LOGPROB_TOLERANCE, TOLERANCES
 from patchmap.sites import COMPONENTS, Site, site_positions
 
 SITES = {f"{c}-{p}": {"component": c, "positions": p} for c in COMPONENTS for p in ("subject", "last", "relation")}
@@ -53,9 +53,9 @@ def test_mean_ablation_over_one_example_changes_nothing(tiny_model, world):
     ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=SITES, examples=1, known_only=False,
                        intervention="ablate", value="mean", progress=False)
     assert ds.sizes["example"] == 1
-    # the patched run recomputes the suffix with other matrix shapes than the clean run: float32 rounding
-    # (~1e-6 in log-probabilities) leaves a JS of ~1e-11, which grows with the square of a real change
-    assert float(abs(ds["js"]).max()) < 1e-8
+    # the patched run recomputes the suffix with other matrix shapes than the clean run, so JS is float32
+    # rounding (1e-11 to 1e-8 seen, by thread count and load), held to the engines' own JS tolerance
+    assert float(abs(ds["js"]).max()) < TOLERANCES["js"][0]
 
 
 def test_mean_ablation_uses_the_dataset_mean(tiny_model, world):
