@@ -1,4 +1,5 @@
-# Two commands do everything: `make run` (the built-in default) and `make test` (the test suite).
+# Two commands do everything: `make run` (the built-in default) and `make test` (the test suite in the
+# tested install, then the lowest and newest dependency versions; CI runs exactly this).
 # Each creates .venv and installs the project into it the first time.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ TESTED := constraints/tested.txt
 TORCH ?= $(shell grep '^torch==' $(TESTED))
 CORES ?= all
 
-.PHONY: run test test-ends install clean
+.PHONY: run test test-suite test-ends install clean
 
 $(VENV)/.installed: pyproject.toml $(TESTED)
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +29,13 @@ run: install
 # are module fixtures), in conftest's order (longest first), one thread each: the tests are tiny and
 # mostly single-threaded, so two processes use both of CI's 2 cores; more threads than cores make OpenMP wait.
 TEST_WORKERS ?= 2
-test: install
+test: test-suite test-ends
+
+test-suite: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges, each in a fresh
-# venv that uv installs (.ci/ends.sh; CI runs it after `make test`)
+# venv that uv installs (.ci/ends.sh; `make test` runs it after the suite)
 test-ends:
 	PYTHON=$(PYTHON) bash .ci/ends.sh
 
