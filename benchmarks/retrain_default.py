@@ -29,15 +29,13 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = cfg.validate(yaml.safe_load(args.config.read_text()))
-    spec = config["models"][args.model]["builtin"]
-    world = config["datasets"][spec["dataset"]]["synthetic"]
-    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
+    world, shape, train = builtin.settings_from_config(config, args.model)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / args.model
-        summary = builtin.train_builtin(out, world, shape, spec["train"], name=args.model)
+        summary = builtin.train_builtin(out, world, shape, train, name=args.model)
         print(f"trained {args.model}: {summary['steps']} steps, question accuracy {summary['question_accuracy']}, "
               f"{summary['seconds']} s, weights sha256 {summary['weights_sha256']}")
-        shipped = builtin.shipped_model(builtin.training_spec(world, shape, spec["train"]))
+        shipped = builtin.shipped_model(builtin.training_spec(world, shape, train))
         if shipped is None:
             print("no shipped weights were trained from this spec")
             return 1

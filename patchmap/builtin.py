@@ -88,6 +88,14 @@ def saved_weights_sha256(model_dir):
     return weights_sha256(load_file(Path(model_dir) / "model.safetensors"))
 
 
+def settings_from_config(config, model_name):
+    """(world, shape, train) settings of a built-in model in a validated config."""
+    spec = config["models"][model_name]["builtin"]
+    world = config["datasets"][spec["dataset"]]["synthetic"]
+    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
+    return world, shape, spec["train"]
+
+
 def training_spec(world_settings, model_settings, train_settings):
     """Everything the trained weights follow from, as plain JSON values."""
     return json.loads(json.dumps({"world": world_settings, "shape": model_settings, "train": train_settings},

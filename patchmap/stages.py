@@ -89,16 +89,14 @@ def train_model(config, model_name, out):
     """results/models/{model}: the shipped weights when the config asks for the spec they were trained
     from (the default), else a model trained here."""
     from . import builtin
-    spec = config["models"][model_name]["builtin"]
-    world = config["datasets"][spec["dataset"]]["synthetic"]
-    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    shipped = builtin.shipped_model(builtin.training_spec(world, shape, spec["train"]))
+    world, shape, train = builtin.settings_from_config(config, model_name)
+    shipped = builtin.shipped_model(builtin.training_spec(world, shape, train))
     if shipped is not None:
         sha = builtin.install_shipped(shipped, out)
         log.info("%s: the shipped weights (%s, sha256 %s) were trained from this spec; using them", model_name,
                  shipped, sha)
         return
-    summary = builtin.train_builtin(out, world, shape, spec["train"], name=model_name)
+    summary = builtin.train_builtin(out, world, shape, train, name=model_name)
     log.info("trained %s: %d steps, question accuracy %.4f, %.0f s, weights sha256 %s", model_name,
              summary["steps"], summary["question_accuracy"], summary["seconds"], summary["weights_sha256"])
 

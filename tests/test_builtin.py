@@ -23,10 +23,7 @@ def default_config(name="config.yaml"):
 
 
 def default_spec(config, model="facts-llama"):
-    spec = config["models"][model]["builtin"]
-    world = config["datasets"][spec["dataset"]]["synthetic"]
-    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    return world, shape, spec["train"]
+    return builtin.settings_from_config(config, model)
 
 
 def shipped_default(config):
