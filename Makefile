@@ -12,12 +12,21 @@ CORES ?= all
 
 .PHONY: run test test-suite test-ends install clean
 
+# uv installs in seconds what pip takes minutes over; pip puts uv itself into the venv first. Where pip
+# finds wheels in a local folder (PIP_FIND_LINKS: this machine's torch CPU build), uv is told too.
+UV := $(VENV)/bin/uv
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+# Every workflow job is a fresh Python that imports torch and transformers. Python caches their compiled
+# bytecode in .venv the first time (uv installs no .pyc files); with PYTHONDONTWRITEBYTECODE set, as on
+# some CI machines, every job would compile them again (about 15 s each on a slow core).
+unexport PYTHONDONTWRITEBYTECODE
+
 $(VENV)/.installed: pyproject.toml $(TESTED)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV)/bin/python -m pip install --quiet uv
+	$(UV) pip install --quiet --python $(VENV)/bin/python $(FIND_LINKS) "$(TORCH)"
 	grep -v '^torch==' $(TESTED) > $(VENV)/constraints.txt  # torch: whichever TORCH installed
-	$(VENV)/bin/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	$(UV) pip install --quiet --python $(VENV)/bin/python -c $(VENV)/constraints.txt -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,8 +45,8 @@ test-suite: install
 
 # the engine-equivalence tests and a tiny workflow at both ends of pyproject's ranges, each in a fresh
 # venv that uv installs (.ci/ends.sh; `make test` runs it after the suite)
-test-ends:
-	PYTHON=$(PYTHON) bash .ci/ends.sh
+test-ends: install
+	PYTHON=$(PYTHON) UV=$(UV) bash .ci/ends.sh
 
 clean:
 	rm -rf results/models results/default .snakemake

@@ -22,12 +22,16 @@ SHOWN='^(torch|transformers|accelerate|tokenizers|safetensors|snakemake|xarray|n
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-UV=$(command -v uv || true)
+# each test process imports torch and transformers: let Python cache their bytecode in the venv once
+# (uv installs none), rather than compile them again in every process (PYTHONDONTWRITEBYTECODE)
+unset PYTHONDONTWRITEBYTECODE
+
+UV=${UV:-$(command -v uv || true)}  # `make test-ends` passes the uv of .venv
 if [ -z "$UV" ]; then
   "$PYTHON" -m venv "$WORK/uv" && "$WORK/uv/bin/python" -m pip install --quiet uv && UV="$WORK/uv/bin/uv"
 fi
 
-end() {  # end NAME [uv pip install options]
+install_end() {  # install_end NAME [uv pip install options]: a fresh venv with that end's versions
   local name=$1 venv="$WORK/$1"; shift
   echo "== $name end: installing"
   "$UV" venv --quiet --python "$PYTHON" "$venv"
@@ -36,17 +40,31 @@ end() {  # end NAME [uv pip install options]
     -c "$WORK/torch.txt" "$@" -e . "${PYTEST[@]}"
   echo "$name:" $("$UV" pip freeze --python "$venv/bin/python" 2>/dev/null | grep -iE "$SHOWN")
   if [ "$name" = lowest ]; then "$venv/bin/python" .ci/floors.py --check; fi
-  echo "== $name end: testing"
-  # two processes, as in `make test`: the workflow runs beside the engine tests
-  OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "${TESTS[@]}"
 }
 
+test_end() {  # test_end NAME: two processes, as in `make test`: the workflow runs beside the engine tests
+  echo "== $1 end: testing"
+  OMP_NUM_THREADS=1 "$WORK/$1/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "${TESTS[@]}"
+}
+
+# The ends install one after the other (an editable install builds in the source tree), and each end's
+# tests start as soon as it is installed: they run beside the next install and the other end's tests
+# (the tests wait on job start-up as much as they compute). Each end's test output is shown when it ends.
 ends=("$@")
 [ ${#ends[@]} -gt 0 ] || ends=(lowest newest)
+testing=()
 for name in "${ends[@]}"; do
   case "$name" in
-    lowest) end lowest --resolution lowest-direct ;;
-    newest) end newest --resolution highest ;;
+    lowest) install_end lowest --resolution lowest-direct ;;
+    newest) install_end newest --resolution highest ;;
     *) echo "ends: unknown end '$name' (lowest, newest)" >&2; exit 2 ;;
   esac
+  test_end "$name" > "$WORK/$name.log" 2>&1 &
+  testing+=($!)
 done
+failed=()
+for i in "${!ends[@]}"; do
+  wait "${testing[$i]}" || failed+=("${ends[$i]}")
+  cat "$WORK/${ends[$i]}.log"
+done
+if [ ${#failed[@]} -gt 0 ]; then echo "ends: tests failed at the ${failed[*]} end" >&2; exit 1; fi
