@@ -4,10 +4,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .metrics import METRICS
-
-UNITS = {"js": "bits", "kl_patched_target": "bits", "kl_target_patched": "bits",
-         "p_target_answer": "probability", "p_source_answer": "probability", "flip": "1"}
+from .quantities import METRICS, UNITS
 
 
 def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):

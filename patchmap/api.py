@@ -6,7 +6,7 @@
     ds["js_mean"].to_pandas()
 """
 
-from . import activations, data, interventions, models, patching
+from . import activations, data, interventions, layouts, models, patching
 from . import config as cfg
 from .aggregate import merge_sites
 from .config import resolve_layers
@@ -85,7 +85,7 @@ def check_model_and_tokenizer(model, tokenizer):
     if not callable(tokenizer) or not hasattr(tokenizer, "is_fast"):
         raise UserError(f"patch_heatmap: argument tokenizer: expected a loaded tokenizer (e.g. from models.load), "
                         f"not {type(tokenizer).__name__}")
-    models.check_supported(getattr(model.config, "model_type", None))
+    layouts.check_supported(getattr(model.config, "model_type", None))
     models.check_fast_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer given")
     if tokenizer.pad_token_id is None:
         raise UserError("patch_heatmap: the tokenizer has no pad token; set tokenizer.pad_token = "

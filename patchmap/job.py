@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from .interventions import named
-from .metrics import METRICS
+from .quantities import METRICS
 
 
 def window_layers(layer, window, n_layers):

@@ -4,15 +4,6 @@ import math
 
 import torch
 
-METRICS = {
-    "js": "Jensen-Shannon divergence between the patched and the unpatched target distribution",
-    "kl_patched_target": "KL(P_patched || P_target)",
-    "kl_target_patched": "KL(P_target || P_patched)",
-    "p_target_answer": "probability of the target's answer token under the patched run",
-    "p_source_answer": "probability of the source's answer token under the patched run",
-    "flip": "1 if the patched run's top-1 token is the source's answer token, else 0",
-}
-
 
 def _kl_terms(p, logp, logq):
     """sum p * (log p - log q), with 0 where p is 0 (log p = -inf there); p = exp(logp), passed in so that

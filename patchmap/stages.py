@@ -104,7 +104,7 @@ def train_model(config, model_name, out):
 def model_identity(config, model_name, out):
     """results/models/{model}.json, made once per model: a local checkpoint's weights sha256 (and each
     file's), or a hub model's resolved commit, which every load then uses (the model is pinned)."""
-    from .models import check_model_source
+    from .checkpoints import check_model_source
     spec = config["models"][model_name]
     source = cfg.model_dir(config, model_name)
     check_model_source(source, spec.get("revision"), spec.get("allow_pickle", False))  # a broken folder stops here

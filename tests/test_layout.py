@@ -2,6 +2,8 @@
 from another module), and the Python tables of allowed values agree with config/schema.yaml."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,13 @@ def test_every_allowed_position_group_has_positions():
         assert isinstance(sites.positions(group, 8, 2, 4), list)
     with pytest.raises(ValueError, match="unknown position group"):
         sites.positions("elsewhere", 8, 2, 4)
+
+
+def test_the_jobs_that_run_no_model_import_neither_torch_nor_transformers():
+    """model_identity, divergence and the plots are jobs of their own: each starts a fresh Python, and
+    importing torch and transformers costs seconds there (more than the job's own work)."""
+    code = ("import sys\n"
+            "from patchmap import aggregate, checkpoints, plot, provenance, stages\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

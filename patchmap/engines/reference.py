@@ -6,7 +6,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..job import window_layers
-from ..metrics import METRICS, patch_metrics
+from ..metrics import patch_metrics
+from ..quantities import METRICS
 from ..models import attention_module, blocks, component_module, input_device
 from ..pairs import token_lists
 from ..sites import site_positions

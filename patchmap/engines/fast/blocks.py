@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
-from ... import models
+from ... import layouts, models
 from ...errors import UserError
 from ...job import window_layers
 from ..hooks import add_hook, check_finite, hooks, output_tensor, pad_batch, with_tensor
@@ -87,7 +87,7 @@ class FastEngine:
     def __init__(self, model, max_tokens=None, fail_above=None, spans=True):
         self.model = model
         self.config = model.config
-        models.check_supported(self.config.model_type)
+        layouts.check_supported(self.config.model_type)
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise UserError(f"the fast engine supports the attention implementations "

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...job import touched_layers, window_layers
-from ...metrics import METRICS, ROWS, patch_metrics
+from ...metrics import ROWS, patch_metrics
+from ...quantities import METRICS
 from ...pairs import token_lists
 from ...sites import site_positions
 from ..hooks import check_finite
