@@ -9,6 +9,9 @@
 # Usage: bash .ci/ends.sh [lowest|newest]...   (both by default); a failure fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for name in "$@"; do
+  case "$name" in lowest|newest) ;; *) echo "ends: unknown end '$name' (lowest, newest)" >&2; exit 2 ;; esac
+done
 PYTHON=${PYTHON:-python3}  # the Python of the venvs (and of uv, where uv is not on PATH)
 TORCH="$(grep '^torch==' constraints/tested.txt)+cpu"
 # where the CPU build lies: this machine's wheel folder (pip's find-links), else PyTorch's CPU index
@@ -20,7 +23,7 @@ TESTS=(tests/test_fast_engine.py tests/test_workflow.py
        -k "every_site or attention_knockout or heatmap_and_divergence or divergence_is_labelled")
 SHOWN='^(torch|transformers|accelerate|tokenizers|safetensors|snakemake|xarray|netcdf4|numpy|scipy|matplotlib|pyyaml|jsonschema|tqdm|pandas|huggingface-hub|pytest|pytest-xdist)=='
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT  # an end still testing when another fails stops too
 
 # each test process imports torch and transformers: let Python cache their bytecode in the venv once
 # (uv installs none), rather than compile them again in every process (PYTHONDONTWRITEBYTECODE)
@@ -57,7 +60,6 @@ for name in "${ends[@]}"; do
   case "$name" in
     lowest) install_end lowest --resolution lowest-direct ;;
     newest) install_end newest --resolution highest ;;
-    *) echo "ends: unknown end '$name' (lowest, newest)" >&2; exit 2 ;;
   esac
   test_end "$name" > "$WORK/$name.log" 2>&1 &
   testing+=($!)
