@@ -23,7 +23,7 @@ TESTS=(tests/test_fast_engine.py tests/test_workflow.py
        -k "every_site or attention_knockout or heatmap_and_divergence or divergence_is_labelled")
 SHOWN='^(torch|transformers|accelerate|tokenizers|safetensors|snakemake|xarray|netcdf4|numpy|scipy|matplotlib|pyyaml|jsonschema|tqdm|pandas|huggingface-hub|pytest|pytest-xdist)=='
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT  # an end still testing when another fails stops too
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT  # an end still testing when another fails stops too
 
 # each test process imports torch and transformers: let Python cache their bytecode in the venv once
 # (uv installs none), rather than compile them again in every process (PYTHONDONTWRITEBYTECODE)
