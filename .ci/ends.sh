@@ -9,8 +9,11 @@
 # Usage: bash .ci/ends.sh [lowest|newest]...   (both by default); a failure fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+resolution() {  # resolution END: how uv picks that end's versions (the one list of ends)
+  case "$1" in lowest) echo lowest-direct ;; newest) echo highest ;; *) return 1 ;; esac
+}
 for name in "$@"; do
-  case "$name" in lowest|newest) ;; *) echo "ends: unknown end '$name' (lowest, newest)" >&2; exit 2 ;; esac
+  resolution "$name" > /dev/null || { echo "ends: unknown end '$name' (lowest, newest)" >&2; exit 2; }
 done
 PYTHON=${PYTHON:-python3}  # the Python of the venvs (and of uv, where uv is not on PATH)
 TORCH="$(grep '^torch==' constraints/tested.txt)+cpu"
@@ -57,10 +60,7 @@ ends=("$@")
 [ ${#ends[@]} -gt 0 ] || ends=(lowest newest)
 testing=()
 for name in "${ends[@]}"; do
-  case "$name" in
-    lowest) install_end lowest --resolution lowest-direct ;;
-    newest) install_end newest --resolution highest ;;
-  esac
+  install_end "$name" --resolution "$(resolution "$name")"
   test_end "$name" > "$WORK/$name.log" 2>&1 &
   testing+=($!)
 done

@@ -10,7 +10,7 @@ from .errors import UserError
 from .layouts import check_supported
 
 
-def looks_local(name):
+def _looks_local(name):
     """A path rather than a hub id: it starts like one, or its first folder exists here."""
     return name.startswith((".", "/", "~")) or Path(name).exists() or Path(Path(name).parts[0]).is_dir()
 
@@ -30,7 +30,7 @@ def check_model_source(source, revision=None, allow_pickle=False):
         check_model_folder(folder, allow_pickle)
     elif folder.exists():
         raise UserError(f"model path '{source}' is a file; give the folder that holds config.json and the weights")
-    elif looks_local(source) or not is_hub_id(source):
+    elif _looks_local(source) or not _is_hub_id(source):
         raise UserError(f"model path '{source}' does not exist (no folder {folder.resolve()})")
     else:
         check_hub_id(source, revision)
@@ -46,18 +46,18 @@ def check_model_folder(folder, allow_pickle=False):
     if "config.json" not in names:
         raise UserError(f"model folder '{folder}' has no config.json; it should hold what save_pretrained writes")
     for name in sorted(n for n in names if n in LOADED_JSON or n.endswith(".index.json")):
-        read_json(folder / name, folder)
-    model_type = read_json(folder / "config.json", folder).get("model_type")
+        _read_json(folder / name, folder)
+    model_type = _read_json(folder / "config.json", folder).get("model_type")
     if not model_type:
         raise UserError(f"model folder '{folder}': config.json names no model_type")
     check_supported(model_type)
-    check_weight_files(folder, names, allow_pickle)
+    _check_weight_files(folder, names, allow_pickle)
     if not names & set(TOKENIZER_FILES):
         raise UserError(f"model folder '{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
                         "model's tokenizer there with tokenizer.save_pretrained(folder)")
 
 
-def read_json(path, folder):
+def _read_json(path, folder):
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -70,10 +70,10 @@ def read_json(path, folder):
     return value
 
 
-def check_weight_files(folder, names, allow_pickle):
+def _check_weight_files(folder, names, allow_pickle):
     from safetensors import SafetensorError, safe_open
     for index in sorted(n for n in names if n.endswith(".index.json")):
-        shards = set(read_json(folder / index, folder).get("weight_map", {}).values())
+        shards = set(_read_json(folder / index, folder).get("weight_map", {}).values())
         missing = sorted(shards - names)
         if missing:
             raise UserError(f"model folder '{folder}': {index} lists weight file '{missing[0]}', which is missing")
@@ -94,7 +94,7 @@ def check_weight_files(folder, names, allow_pickle):
                             "again") from None
 
 
-def is_hub_id(name):
+def _is_hub_id(name):
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(name)
@@ -114,13 +114,13 @@ def check_hub_id(repo_id, revision=None):
     if is_offline_mode():
         raise UserError(f"{where} it is not in the local cache ({constants.HF_HUB_CACHE}) and the hub is offline "
                         "(HF_HUB_OFFLINE=1); download it on a machine with network, or give a local folder")
-    unreachable = hub_unreachable(constants.ENDPOINT)
+    unreachable = _hub_unreachable(constants.ENDPOINT)
     if unreachable:
         raise UserError(f"{where} it is not in the local cache ({constants.HF_HUB_CACHE}) and the hub "
                         f"({constants.ENDPOINT}) cannot be reached: {unreachable}")
 
 
-def hub_unreachable(endpoint, timeout=5):
+def _hub_unreachable(endpoint, timeout=5):
     """Why the hub cannot be reached (no DNS, no route), or None. Behind a proxy the hub library decides."""
     import socket
     from urllib.parse import urlparse

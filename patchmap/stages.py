@@ -223,7 +223,7 @@ def ablation(config, run_name, activation_paths, out):
     from . import activations
     run = config["runs"][run_name]
     ds = activations.ablation_values([xr.load_dataset(p) for p in activation_paths], cfg.run_sites(config, run_name),
-                                  run["value"])
+                                     run["value"])
     write_netcdf(ds, out)
 
 
