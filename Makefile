@@ -1,5 +1,5 @@
-# Two commands do everything: `make run` (the built-in default) and `make test` (the test suite in the
-# tested install, then the lowest and newest dependency versions; CI runs exactly this).
+# Two commands do everything: `make run` (the built-in default) and `make test` (the workflow's lint, the test
+# suite in the tested install, then the lowest and newest dependency versions; CI runs exactly this).
 # Each creates .venv and installs the project into it the first time.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ TESTED := constraints/tested.txt
 TORCH ?= $(shell grep '^torch==' $(TESTED))
 CORES ?= all
 
-.PHONY: run test test-suite test-ends install clean
+.PHONY: run test lint test-suite test-ends install clean
 
 # uv installs in seconds what pip takes minutes over; pip puts uv itself into the venv first. Where pip
 # finds wheels in a local folder (PIP_FIND_LINKS: this machine's torch CPU build), uv is told too.
@@ -38,7 +38,11 @@ run: install
 # are module fixtures), in conftest's order (longest first), one thread each: the tests are tiny and
 # mostly single-threaded, so two processes use both of CI's 2 cores; more threads than cores make OpenMP wait.
 TEST_WORKERS ?= 2
-test: test-suite test-ends
+test: lint test-suite test-ends
+
+# Snakemake's own checks of the workflow (rules, logs, conda envs, no mixed rules and functions)
+lint: install
+	$(VENV)/bin/snakemake --lint
 
 test-suite: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

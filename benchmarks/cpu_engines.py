@@ -13,7 +13,7 @@ layer. Each engine runs in its own process (so peak memory is its own); the sour
 extracted once per model and shared. The table gives the patch-stage time, patched runs per second, the
 speed-up over the reference, the peak resident memory of the process and its growth during patching, and
 checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
-schedule and of the exact-work floor (benchmarks/flops.py), and where the fast engine's time goes.
+schedule and of the exact-work floor (patchmap/engines/flops.py), and where the fast engine's time goes.
 If nnsight is importable, the same job is timed with it too (one traced forward per site and layer).
 """
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flops import fast_flops, floor_flops, padded_batches, reference_flops
+from patchmap.engines.flops import fast_flops, floor_flops, padded_batches, reference_flops
 
 SITES = {
     "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
@@ -90,24 +90,25 @@ def worker(directory, engine, examples, out, repeat=2):
     warm-up on 4 examples the job runs `repeat` times; the fastest counts (the machine is shared)."""
     import torch
 
-    from patchmap import patching
     from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.interventions import Swap
     from patchmap.job import PatchJob
+    from patchmap.patching import run_patch_job
 
     model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
 
     def job(pairs, acts, batch_size):
         return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size,
-                        pad_id=tokenizer.pad_token_id, sources=acts, progress=False)
+                        pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False)
 
     def run(pairs, acts):
         if engine == "nnsight":
             return nnsight_patch(model, pairs, acts, sites, layers, tokenizer.pad_token_id), {}
         if engine == "fast":
             fast = FastEngine(model)
-            return patching.patch(job(pairs, acts, examples), engine=fast), dict(fast.stats)
+            return run_patch_job(job(pairs, acts, examples), engine=fast), dict(fast.stats)
         batch = int(engine.split("@")[1]) if "@" in engine else examples  # reference@N: batches of N
-        return patching.patch(job(pairs, acts, batch), engine="reference"), {}
+        return run_patch_job(job(pairs, acts, batch), engine="reference"), {}
 
     few = slice(0, min(4, examples))
     run(pairs.isel(example=few), acts.isel(example=few))  # warm-up: first calls of kernels, lazy weights
@@ -144,10 +145,11 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
     """Where the fast engine's time goes: one more pass with timers around its phases (the clean run, the
     source keys and values of subject spans, the patched block calls by kind of run, the output embedding
     and metrics). Seconds per phase."""
-    from patchmap import patching
-    from patchmap.engines.fast import driver
+    from patchmap.engines.fast import driver, runs
     from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.interventions import Swap
     from patchmap.job import PatchJob
+    from patchmap.patching import run_patch_job
 
     engine = FastEngine(model)
     seconds = {}
@@ -162,23 +164,23 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
-    def run_kind(clean, component, group, *rest):
+    def run_kind(engine, clean, group, layer_ids, layers, edit, *rest):
         if group.span:
             return "patched blocks: resid span (Subj.), positions after it"
-        return f"patched blocks: {component} at {'one position' if group.width == 1 else 'several positions'}"
+        return f"patched blocks: {edit.component} at {'one position' if group.width == 1 else 'several positions'}"
 
     engine.clean_run = timed(lambda *a, **k: "clean run (model forward, all positions)", engine.clean_run)
-    engine.span_kv = timed(lambda *a, **k: "source keys/values of subject spans", engine.span_kv)
-    engine.run_group = timed(run_kind, engine.run_group)
-    score = driver.score
+    engine.span_keys_values = timed(lambda *a, **k: "source keys/values of subject spans", engine.span_keys_values)
+    run_group, score = runs.run_group, driver.score
+    runs.run_group = timed(run_kind, run_group)
     driver.score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
     try:
         start = time.perf_counter()
-        patching.patch(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
-                                pad_id=pad_id, sources=acts, progress=False), engine=engine)
+        run_patch_job(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
+                               pad_id=pad_id, intervention=Swap(), sources=acts, progress=False), engine=engine)
         seconds["total"] = time.perf_counter() - start
     finally:
-        driver.score = score
+        runs.run_group, driver.score = run_group, score
     return seconds
 
 
@@ -190,9 +192,9 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
 
     from patchmap import models
     from patchmap.engines.hooks import last_logprobs, pad_batch, position_mask
-    from patchmap.engines.reference import source_values
+    from patchmap.engines.strategies import reference_source_values
     from patchmap.metrics import patch_metrics
-    from patchmap.pairs import token_lists
+    from patchmap.encoding import token_lists
     from patchmap.sites import site_positions
 
     wrapped = NNsight(model)
@@ -205,7 +207,7 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
     for site in sites:
         where = site_positions(pairs, site)
         patch_mask = position_mask(where, ids.shape[1], "cpu")
-        values = source_values(acts, site, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
+        values = reference_source_values(acts, site, where, ids.shape[1], model.config.hidden_size, 0, len(targets))
         per_layer = []
         for layer in layers:
             envoy = wrapped

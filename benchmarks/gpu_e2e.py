@@ -20,7 +20,7 @@ What it does, in a temporary working directory on local disk (no download):
    `loaded model <name> in <s> s`), and how many loads; each rule's seconds (sum of its jobs' benchmark
    files, results/{run}/benchmarks/); the patch stage's seconds (the extract and patch jobs: process
    start, model load, extraction and patching); patched runs per second (examples x sites x layers over
-   the patch stage's seconds); and TFLOP/s on the exact-work floor's FLOPs (benchmarks/flops.py
+   the patch stage's seconds); and TFLOP/s on the exact-work floor's FLOPs (patchmap/engines/flops.py
    floor_flops: the least any exact engine computes for this patch stage) over the same seconds.
 
 The page cache decides how fast weights load: run it twice for a warm cache (`--keep DIR` reuses the
@@ -191,7 +191,7 @@ def rule_seconds(run_dir):
 def report(workdir, smoke, seconds):
     import transformers
     import xarray as xr
-    from flops import floor_flops
+    from patchmap.engines.flops import floor_flops
 
     results = workdir / "results"
     pairs = xr.load_dataset(results / RUN / "pairs.nc")

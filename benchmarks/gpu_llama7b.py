@@ -4,9 +4,8 @@
     python benchmarks/gpu_llama7b.py --examples 200 --subset 16     # shorter
     python benchmarks/gpu_llama7b.py --flops         # any machine: the job's FLOPs, reference and floor
 
-Not yet run on a GPU: no session that worked on it had one, so it claims no numbers. It needs one
-CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no download: the
-model is a Llama-2-7B config (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32000) with random
+It needs one CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no
+download: the model is a Llama-2-7B config (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32000) with random
 bf16 weights built on the GPU, and the prompts are the built-in synthetic facts (about 10 tokens each,
 word-level tokenizer; token ids are far below the vocabulary size).
 
@@ -21,7 +20,7 @@ import argparse
 import time
 
 import torch
-from flops import fast_flops, floor_flops, job_shape, padded_batches, reference_flops
+from patchmap.engines.flops import fast_flops, floor_flops, job_shape, padded_batches, reference_flops
 
 
 def main():
@@ -49,10 +48,12 @@ def main():
 
     import transformers
 
-    from patchmap import activations, patching, synthetic
+    from patchmap import activations, synthetic
     from patchmap.builtin import word_tokenizer
     from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.interventions import Swap
     from patchmap.job import PatchJob
+    from patchmap.patching import run_patch_job
     from patchmap.pairs import make_pairs
     from patchmap.sites import Site
 
@@ -93,17 +94,17 @@ def main():
 
     def job(pairs, acts, batch_size):
         return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size, pad_id=pad,
-                        sources=acts, progress=False)
+                        intervention=Swap(), sources=acts, progress=False)
 
     # warm-up (kernels, allocator), then the timed patch stage
     few = slice(0, min(8, n))
-    patching.patch(job(pairs.isel(example=few), acts.isel(example=few), args.batch_size))
+    run_patch_job(job(pairs.isel(example=few), acts.isel(example=few), args.batch_size))
     engine = FastEngine(model, max_tokens=args.max_tokens)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    fast = patching.patch(job(pairs, acts, args.batch_size), engine=engine)
+    fast = run_patch_job(job(pairs, acts, args.batch_size), engine=engine)
     sync()
     seconds = time.perf_counter() - start
     runs = n * len(sites) * len(layers)
@@ -126,7 +127,7 @@ def main():
     for name, engine_name, batch_size in runs:
         sync()
         start = time.perf_counter()
-        result = patching.patch(job(sub_pairs, sub_acts, batch_size), engine=engine_name)
+        result = run_patch_job(job(sub_pairs, sub_acts, batch_size), engine=engine_name)
         sync()
         timings[name] = (time.perf_counter() - start, result)
     difference = max(float(abs(timings["fast"][1][s.name][m] - timings["reference"][1][s.name][m]).max())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from patchmap import builtin
+from patchmap import builtin, shipped
 from patchmap import config as cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,19 +29,19 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = cfg.validate(yaml.safe_load(args.config.read_text()))
-    world, shape, train = builtin.settings_from_config(config, args.model)
+    world, shape, train = shipped.settings_from_config(config, args.model)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / args.model
         summary = builtin.train_builtin(out, world, shape, train, name=args.model)
         print(f"trained {args.model}: {summary['steps']} steps, question accuracy {summary['question_accuracy']}, "
               f"{summary['seconds']} s, weights sha256 {summary['weights_sha256']}")
-        shipped = builtin.shipped_model(builtin.training_spec(world, shape, train))
-        if shipped is None:
+        found = shipped.shipped_model(shipped.training_spec(world, shape, train))
+        if found is None:
             print("no shipped weights were trained from this spec")
             return 1
-        recorded = json.loads((shipped / "training.json").read_text())["weights_sha256"]
+        recorded = json.loads((found / "training.json").read_text())["weights_sha256"]
         same = recorded == summary["weights_sha256"]
-        print(f"shipped {shipped}: sha256 {recorded}: {'identical' if same else 'DIFFERENT'}")
+        print(f"shipped {found}: sha256 {recorded}: {'identical' if same else 'DIFFERENT'}")
         return 0 if same else 1
 
 

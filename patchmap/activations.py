@@ -1,5 +1,5 @@
-"""Source activations: the extract stage (each shard's source activations at every site and layer a
-patch window touches) and the ablation stage (their zero or mean, for the ablate intervention)."""
+"""Source activations: what the extract stage records of the source prompts, at every site and every layer
+a patch window touches (patchmap.ablation pools them for the ablate intervention)."""
 
 import numpy as np
 import torch
@@ -9,14 +9,16 @@ from tqdm.auto import tqdm
 from .engines.hooks import capture, pad_batch
 from .job import batches
 from .models import input_device
-from .pairs import token_lists
+from .encoding import token_lists
 from .sites import site_positions
 
 
 @torch.no_grad()
-def extract_activations(model, pairs, sites, layers, batch_size, pad_id, progress=True):
-    """Source activations at each site's positions, every layer: one [example, layer, slot, hidden]
-    array per site (slot = index within the position group; NaN past a group's end)."""
+def extract_activations(model, pairs: xr.Dataset, sites: list, layers: list, batch_size: int, pad_id: int,
+                        progress: bool = True) -> xr.Dataset:
+    """Source activations at each site's positions, every layer in `layers`: `act_<site>` [example,
+    layer, slot, hidden] per site (slot = index within the position group; NaN past a group's end) and
+    `pos_<site>` [example, slot], each slot's token position (-1: unused)."""
     device = input_device(model)
     sources = token_lists(pairs, "source_ids")
     components = sorted({s.component for s in sites})
@@ -44,35 +46,3 @@ def extract_activations(model, pairs, sites, layers, batch_size, pad_id, progres
         data[f"pos_{s.name}"] = (("example", f"slot_{s.name}"), idx,
                                  {"description": "token position of each slot; -1 = unused"})
     return xr.Dataset(data, coords=coords)
-
-
-def ablation_values(activation_datasets, sites, value):
-    """The ablate intervention's activations per site: zero, or the mean over every example (per layer
-    and slot, i.e. position within the group) of the activations from all extract shards. Shards may
-    differ in their number of slots (a group's longest span in each): the values have the most."""
-    first = activation_datasets[0]
-    data = {}
-    for s in sites:
-        name = f"act_{s.name}"
-        _, layers, _, hidden = first[name].shape
-        slots = max(ds[name].shape[2] for ds in activation_datasets)
-        total = np.zeros((layers, slots, hidden), dtype=np.float64)
-        count = np.zeros((layers, slots, 1), dtype=np.int64)
-        for ds in activation_datasets:
-            arr = ds[name].values.astype(np.float64)  # [example, layer, slot, H]
-            present = ~np.isnan(arr[..., :1])
-            total[:, :arr.shape[2]] += np.nansum(arr, axis=0)
-            count[:, :arr.shape[2]] += present.sum(axis=0)
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        out = np.zeros_like(mean) if value == "zero" else mean
-        data[name] = (("layer", f"slot_{s.name}", "hidden"), out.astype(np.float32),
-                      {"description": f"{value} ablation value per layer and slot (position within the group)"})
-    return xr.Dataset(data, coords={"layer": first["layer"].values}, attrs={"value": value})
-
-
-def broadcast_ablation(ablation, pairs):
-    """The ablation values as an activations dataset for the examples of `pairs` (every example gets them)."""
-    n = pairs.sizes["example"]
-    data = {name: (("example", *var.dims), np.broadcast_to(var.values, (n, *var.shape)).copy())
-            for name, var in ablation.data_vars.items()}
-    return xr.Dataset(data, coords={"example": pairs["example"].values, "layer": ablation["layer"].values})

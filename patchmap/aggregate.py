@@ -4,7 +4,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .quantities import METRICS, UNITS
+from .quantities import DESCRIPTIONS, METRICS, log_unit, unit
 
 
 def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):
@@ -29,14 +29,14 @@ def merge_sites(site_datasets, sites, base, seed):
         component=("site", [s.component for s in sites]),
         positions=("site", [s.positions for s in sites]),
     ).transpose("example", "site", "layer")
-    unit = "bits" if base == 2 else "nats"
     for name in METRICS:
-        ds[name].attrs.update(description=METRICS[name], units=unit if UNITS[name] == "bits" else UNITS[name])
+        ds[name].attrs.update(description=DESCRIPTIONS[name], units=unit(name, base))
         ds[f"{name}_mean"] = ds[name].astype("float64").mean("example")
         ds[f"{name}_mean"].attrs.update(description=f"mean over examples of {name}", units=ds[name].attrs["units"])
     low, high = bootstrap_interval(ds["js"].values.astype(np.float64), seed)
-    ds["js_ci_low"] = (("site", "layer"), np.asarray(low), {"description": "bootstrap 95% interval of js_mean, low end", "units": unit})
-    ds["js_ci_high"] = (("site", "layer"), np.asarray(high), {"description": "bootstrap 95% interval of js_mean, high end", "units": unit})
+    for name, end, values in (("js_ci_low", "low", low), ("js_ci_high", "high", high)):
+        ds[name] = (("site", "layer"), np.asarray(values),
+                    {"description": f"bootstrap 95% interval of js_mean, {end} end", "units": log_unit(base)})
     ds["layer"].attrs["description"] = "decoder block index, 0 = first"
     ds["example"].attrs["description"] = "id of the target fact"
     ds["site"].attrs["description"] = "row label: a component at a group of token positions"

@@ -6,13 +6,16 @@
     ds["js_mean"].to_pandas()
 """
 
-from . import activations, data, interventions, layouts, models, patching
+from . import activations, layouts, models
 from . import config as cfg
 from .aggregate import merge_sites
 from .config import resolve_layers
 from .errors import UserError
+from .facts import check_facts
+from .interventions import Intervention, from_run
 from .job import PatchJob, touched_layers
 from .pairs import make_pairs
+from .patching import run_patch_job
 from .provenance import package_versions
 from .sites import Site
 
@@ -29,33 +32,33 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
                   progress=True, engine="fast", pairing="subject"):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
-    `engine` is "fast" (the default) or "reference", and `pairing` "subject" (the default) or "relation",
-    as in a run's config. The arguments are checked as
-    a run of the workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
+    `intervention` is a name ("swap", the default, "noise", "ablate", "knockout": with `pairing`,
+    `noise_scale` or `value` as in a run's config) or an Intervention object with its own parameters;
+    `engine` is "fast" (the default) or "reference". The arguments are checked as a run of the
+    workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
+    given = intervention if isinstance(intervention, Intervention) else None
     run = {"layers": layers, "examples": examples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
-           "known_only": known_only, "intervention": intervention, "noise_scale": noise_scale, "value": value,
-           "window": window, "engine": engine, "pairing": pairing}
+           "known_only": known_only, "intervention": "swap" if given else intervention, "noise_scale": noise_scale,
+           "value": value, "window": window, "engine": engine, "pairing": pairing}
+    # 1. the arguments, checked as a run of the config; the facts, as a dataset file's rows
     run, site_specs = check_arguments(run, DEFAULT_SITES if sites is None else sites)
-    facts = data.check_facts(_as_list(facts), "patch_heatmap: argument facts")
+    facts = check_facts(_as_list(facts), "patch_heatmap: argument facts")
     check_model_and_tokenizer(model, tokenizer)
     sites = [Site.from_config(name, spec) for name, spec in site_specs.items()]
     base = cfg.js_base(run)
     layers = resolve_layers(run["layers"], models.n_layers(model), "patch_heatmap: argument layers")
+    intervention = given or from_run(run)
+    # 2. the pairs, and the sources the intervention writes in
     pairs = make_pairs(model, tokenizer, facts, run["examples"], run["seed"], run["known_only"],
-                       batch_size=run["batch_size"], intervention=run["intervention"], noise_scale=run["noise_scale"],
-                       pairing=run["pairing"])
-    intervention = interventions.named(run["intervention"])
-    sources = None
-    if intervention.writes_sources:
-        extracted = touched_layers(layers, run["window"], models.n_layers(model))
-        sources = activations.extract_activations(model, pairs, sites, extracted, run["batch_size"],
-                                                  tokenizer.pad_token_id, progress)
-    if intervention.pooled:
-        sources = activations.broadcast_ablation(activations.ablation_values([sources], sites, run["value"]), pairs)
+                       batch_size=run["batch_size"], intervention=intervention)
+    extracted = touched_layers(layers, run["window"], models.n_layers(model))
+    sources = intervention.sources(pairs, lambda: activations.extract_activations(
+        model, pairs, sites, extracted, run["batch_size"], tokenizer.pad_token_id, progress))
+    # 3. every site patched, merged as the workflow's divergence stage does
     job = PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=run["batch_size"],
-                   pad_id=tokenizer.pad_token_id, sources=sources, js_base=base, window=run["window"], progress=progress)
-    per_site = patching.patch(job, engine=run["engine"])
-    ds = merge_sites(per_site, sites, base, run["seed"])
+                   pad_id=tokenizer.pad_token_id, intervention=intervention, sources=sources, js_base=base,
+                   window=run["window"], progress=progress)
+    ds = merge_sites(run_patch_job(job, engine=run["engine"]), sites, base, run["seed"])
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
     ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(run["js_base"])})
     ds.attrs.update({f"version_{k}": v for k, v in package_versions().items()})

@@ -1,14 +1,13 @@
 """Train the built-in model: a small Llama on the synthetic world, saved like any Hugging Face checkpoint.
 
 Training is the same bit for bit wherever it runs: on the CPU, with one thread and deterministic
-algorithms, seeded. The default model's trained weights ship with the package (patchmap/pretrained/),
-and are used instead of training when a config asks for exactly the spec they were trained from."""
+algorithms, seeded. The default model's trained weights ship with the package (patchmap/shipped.py), and
+are used instead of training when a config asks for exactly the spec they were trained from."""
 
 import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import synthetic
 from .errors import UserError
+from .shipped import training_spec
 from .storage import atomic_directory
 
 log = logging.getLogger(__name__)
-PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 TRAINING_THREADS = 1  # a tiny model gains nothing from more, and one thread fixes the float sums' order
 
 
@@ -83,23 +82,10 @@ def weights_sha256(state_dict):
     return digest.hexdigest()
 
 
-def saved_weights_sha256(model_dir):
-    from safetensors.torch import load_file
-    return weights_sha256(load_file(Path(model_dir) / "model.safetensors"))
 
 
-def settings_from_config(config, model_name):
-    """(world, shape, train) settings of a built-in model in a validated config."""
-    spec = config["models"][model_name]["builtin"]
-    world = config["datasets"][spec["dataset"]]["synthetic"]
-    shape = {k: spec[k] for k in ("layers", "hidden", "heads", "mlp")}
-    return world, shape, spec["train"]
 
 
-def training_spec(world_settings, model_settings, train_settings):
-    """Everything the trained weights follow from, as plain JSON values."""
-    return json.loads(json.dumps({"world": world_settings, "shape": model_settings, "train": train_settings},
-                                 sort_keys=True))
 
 
 @contextmanager
@@ -191,23 +177,3 @@ def lr_factor(schedule_steps, warmup=0.05, floor=0.1):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
 
     return factor
-
-
-def shipped_model(spec):
-    """The directory of the shipped weights trained from `spec` (see training_spec), or None."""
-    for training in sorted(PRETRAINED.glob("*/training.json")):
-        if json.loads(training.read_text()).get("spec") == spec:
-            return training.parent
-    return None
-
-
-def install_shipped(shipped, out_dir):
-    """Copy shipped weights to out_dir, after checking them against their recorded sha256."""
-    recorded = json.loads((Path(shipped) / "training.json").read_text())["weights_sha256"]
-    actual = saved_weights_sha256(shipped)
-    if actual != recorded:
-        raise UserError(f"the shipped weights in {shipped} have sha256 {actual}, but their training.json "
-                        f"records {recorded}; reinstall patchmap")
-    with atomic_directory(out_dir) as tmp:
-        shutil.copytree(shipped, tmp, dirs_exist_ok=True)
-    return recorded

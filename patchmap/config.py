@@ -3,16 +3,16 @@
 import copy
 import math
 import os
-import re
 from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator, validators
 
 from .errors import UserError
-from .interventions import named
+from .interventions import from_run
 from .schema import schema
 from .sites import Site
+
 
 def _with_defaults(validator_class):
     """A validator that fills in each property's `default` as it validates (the jsonschema FAQ recipe)."""
@@ -108,7 +108,7 @@ def validate(config):
     return config
 
 
-SHARED_FOLDERS = ("models", "datasets", "figures", "README.md")
+SHARED_FOLDERS = ("models", "datasets", "predictions", "figures", "README.md")
 """What results/ holds besides the runs' folders: no run may take one of these names."""
 
 
@@ -160,7 +160,7 @@ def check_references(config):
         if twice:
             raise ConfigError(("runs", run_name, "sites"), f"site '{twice[0]}' is listed twice")
         for site in run["sites"]:
-            problem = named(run["intervention"]).site_problem(site, config["sites"][site]["positions"])
+            problem = from_run(run).site_problem(site, config["sites"][site]["positions"])
             if problem:
                 raise ConfigError(("runs", run_name, "sites"), problem)
         model = config["models"][run["model"]]
@@ -183,9 +183,9 @@ def check_dataset_files(config):
     """Every `path:` dataset that a run uses exists and is not a folder (checked when the workflow starts,
     before Snakemake looks for its inputs and reports a missing one in its own words)."""
     for name in dict.fromkeys(run["dataset"] for run in config["runs"].values()):
-        path = dataset_file(config, name) if "path" in config["datasets"][name] else None
-        if path is None:
+        if "path" not in config["datasets"][name]:
             continue
+        path = os.path.expanduser(config["datasets"][name]["path"])
         if Path(path).is_dir():
             raise UserError(f"dataset path '{path}' is a folder (datasets.{name}.path); give the dataset file")
         if not Path(path).exists():
@@ -204,21 +204,6 @@ def js_base(run):
     return math.e if run["js_base"] == "e" else float(run["js_base"])
 
 
-def dataset_file(config, dataset_name):
-    """The dataset's file: downloaded into results/datasets/ for a url, else its path; None if synthetic."""
-    dataset = config["datasets"][dataset_name]
-    if "url" in dataset:
-        suffix = ".jsonl" if dataset["url"].endswith(".jsonl") else ".json"
-        return f"results/datasets/{dataset_name}{suffix}"
-    return os.path.expanduser(dataset["path"]) if "path" in dataset else None
-
-
-def model_dir(config, model_name):
-    """Where a model is loaded from: results/models/<name> for built-ins, else its path or hub id."""
-    model = config["models"][model_name]
-    return f"results/models/{model_name}" if "builtin" in model else model["path"]
-
-
 def resolve_layers(layers, n_layers, where="layers"):
     if layers == "all":
         return list(range(n_layers))
@@ -226,20 +211,6 @@ def resolve_layers(layers, n_layers, where="layers"):
     if bad:
         raise UserError(f"{where}: layer {bad[0]} is out of range; the model has layers 0 to {n_layers - 1}")
     return list(layers)
-
-
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def model_identity_file(model_name):
-    """results/models/<name>.json: the model's weights sha256 (local) or resolved hub commit, made once."""
-    return f"results/models/{model_name}.json"
-
-
-def predictions_file(config, run_name):
-    """The run's model's predictions on its dataset, shared by every run with the same model, dataset and dtype."""
-    run = config["runs"][run_name]
-    return f"results/predictions/{run['model']}/{run['dataset']}/{run['dtype']}.nc"
 
 
 def predicting_run(config, model_name, dataset_name, dtype):

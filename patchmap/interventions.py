@@ -1,19 +1,24 @@
-"""The interventions, one object each (as pyvene's intervention classes), all with the same questions:
+"""The interventions, one class each (as pyvene's intervention classes), each built from a run's settings
+with its own parameters (`from_run`). An intervention says:
 
-- `partners(encoded, examples, seed, pairing)`: which fact is each target's source;
-- `writes_sources`: whether a patched run writes a source activation in (all but knockout), and `pooled`:
-  whether that value is pooled over every example of the run first (ablate: extracted in jobs of its own,
-  averaged by the ablation stage); `extracts_in_patch_job` follows from the two;
+- `partners(encoded, examples, seed)`: which fact is each target's source;
+- `sources(pairs, extract, pooled)`: the source activations a patch job writes in, or None;
+- `strategy`: what a patched run does at the site, the one thing the engines call: a write strategy puts
+  `write(base, source)` in place of the site's activation (base: the activation there, source: the
+  source's), a block strategy blocks the last position's attention to the site's positions;
 - `target_noise(...)`: what is added to the target's input embeddings (noise);
-- `same_until(...)`: the first position where the target's and the source's runs may differ, or None where
-  the source is no run at all (the fast engine's span rule: before it, the source's keys and values are
-  the target's);
-- `site_problem(name, positions)`: why a site cannot be patched, if it cannot.
+- `same_until(...)`: per example, the first position where the target's and the source's runs may
+  differ, or None where the written value is no run's activation (the fast engine's span rule: before
+  it, the source's keys and values are the target's);
+- `site_problem(name, positions)`: why a site cannot be patched, if it cannot;
+- `pooled`: whether its sources are pooled over every example of the run first (the workflow's extract
+  and ablation stages), and `extracts_in_patch_job`: whether a shard's patch job extracts its own.
 
 swap: the source is another fact's prompt (see PAIRINGS); its activation is written in. noise (ROME's
 causal tracing): the target's subject embeddings get Gaussian noise and the clean prompt's activation is
 written back. ablate: the value written is zero or the mean over the run's examples. knockout (Geva et al.
 2023): nothing is written; the last position's attention to the site's positions is blocked.
+Plain Python at import (the workflow's config checks use it); torch only where a method needs it.
 """
 
 from collections import defaultdict
@@ -79,21 +84,42 @@ def first_difference(targets, sources):
 
 
 class Intervention:
-    """The defaults: the fact is its own source, a source activation is written in, nothing else changes."""
+    """The defaults: the fact is its own source, whose activation is written in; nothing else changes."""
     name = ""
-    writes_sources = True   # a patched run writes a source activation in at the site's positions
-    pooled = False          # that value is pooled over every example of the run (extracted by jobs of its own)
-    uses_pairing = False    # the partner choice follows the run's `pairing`
-    adds_noise = False      # the target's subject embeddings get noise (pairs.nc holds its seeds and scale)
+    pooled = False       # its source activations are pooled over every example of the run (the ablation stage)
+    adds_noise = False   # the target's subject embeddings get noise (pairs.nc holds its seeds and scale)
 
     @property
     def extracts_in_patch_job(self):
-        """Whether a shard's patch job extracts the source activations it writes in itself."""
-        return self.writes_sources and not self.pooled
+        """Whether a shard's patch job extracts the source activations it writes in itself (the workflow's
+        plan, made without torch: not from the strategy)."""
+        return not self.pooled
 
-    def partners(self, encoded, examples, seed, pairing="subject"):
+    @property
+    def strategy(self):
+        """What a patched run does at the site (patchmap.engines.strategies): write `write(base, source)`."""
+        from .engines.strategies import Write
+        return Write(self.write)
+
+    @classmethod
+    def from_run(cls, run):
+        """The intervention with the parameters a (validated) run gives it."""
+        return cls()
+
+    def write(self, base, source):
+        """The site's new activation [..., H] from its activation in the target run (`base`) and the
+        source's (`source`, same shape): the source's, by default."""
+        return source
+
+    def partners(self, encoded, examples, seed):
         """The (target, source) indices into `encoded` and the number of facts without a partner."""
         return self_partners(encoded, examples, seed)
+
+    def sources(self, pairs, extract, pooled=None):
+        """The source activations a job on `pairs` writes in (patchmap.activations' dataset), from
+        `extract()`, which extracts the source prompts' activations, or from `pooled` values; None for
+        none."""
+        return extract()
 
     def target_noise(self, pairs, a, b, width, hidden):
         """[B, T, H] added to the input embeddings of the targets a..b in every run, or None."""
@@ -102,28 +128,56 @@ class Intervention:
     def same_until(self, pairs, targets, sources):
         """Per example, the first position where the target's and the source's runs may differ; None where
         the written value is no run's activation (no source prefix to share)."""
-        return first_difference(targets, sources)
+        return None
 
     def site_problem(self, site_name, positions):
         """Why the site cannot be patched (one line), or None."""
         return None
 
+    def pairs_fields(self, seed, n_pairs, subject_std):
+        """(variables, attributes) that pairs.nc records for this intervention; `subject_std()` is the std
+        of the candidate facts' subject embeddings."""
+        return {}, {}
+
+    def recorded_settings(self):
+        """The settings that result files record: the ablation value and the noise scale, if it has them."""
+        return {"ablation_value": "", "noise_scale": 0.0}
+
 
 class Swap(Intervention):
     name = "swap"
-    uses_pairing = True
 
-    def partners(self, encoded, examples, seed, pairing="subject"):
-        return swap_partners(encoded, examples, seed, pairing)
+    def __init__(self, pairing="subject"):
+        self.pairing = pairing
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(run["pairing"])
+
+    def partners(self, encoded, examples, seed):
+        return swap_partners(encoded, examples, seed, self.pairing)
+
+    def same_until(self, pairs, targets, sources):
+        return first_difference(targets, sources)
+
+    def pairs_fields(self, seed, n_pairs, subject_std):
+        return {}, {"pairing": self.pairing}
 
 
 class Noise(Intervention):
     name = "noise"
     adds_noise = True
 
+    def __init__(self, noise_scale=3.0):
+        self.noise_scale = noise_scale
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(run["noise_scale"])
+
     def target_noise(self, pairs, a, b, width, hidden):
         """Gaussian noise at the subject positions of examples a..b, from each example's seed in pairs.nc."""
-        import torch  # here, not at the top: the workflow's config checks import this module without torch
+        import torch
         noise = torch.zeros(b - a, width, hidden)
         for i in range(a, b):
             start, end = int(pairs["subject_start"].values[i]), int(pairs["subject_end"].values[i])
@@ -136,20 +190,51 @@ class Noise(Intervention):
         return [min(o, int(start)) for o, start in zip(first_difference(targets, sources),
                                                        pairs["subject_start"].values)]
 
+    def pairs_fields(self, seed, n_pairs, subject_std):
+        seeds = (("example",), np.random.default_rng(seed).integers(2**62, size=n_pairs),
+                 {"description": "seed of the Gaussian noise added to this target's subject embeddings"})
+        std = subject_std()
+        return {"noise_seed": seeds}, {"noise_scale": float(self.noise_scale), "subject_embedding_std": std,
+                                       "noise_std": float(self.noise_scale) * std}
+
+    def recorded_settings(self):
+        return {"ablation_value": "", "noise_scale": self.noise_scale}
+
 
 class Ablate(Intervention):
     name = "ablate"
     pooled = True
 
-    def same_until(self, pairs, targets, sources):
-        return None  # a mean or zero per layer, not one layer's output fed to the next
+    def __init__(self, value="mean"):
+        self.value = value
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(run["value"])
+
+    def pool(self, activation_datasets):
+        """The values written in: zero, or the mean over every example of the extracted shards."""
+        from .ablation import ablation_values
+        return ablation_values(activation_datasets, self.value)
+
+    def sources(self, pairs, extract, pooled=None):
+        from .ablation import broadcast_ablation
+        return broadcast_ablation(self.pool([extract()]) if pooled is None else pooled, pairs)
+
+    def recorded_settings(self):
+        return {"ablation_value": self.value, "noise_scale": 0.0}
 
 
 class Knockout(Intervention):
     name = "knockout"
-    writes_sources = False
+    extracts_in_patch_job = False  # it writes nothing in
 
-    def same_until(self, pairs, targets, sources):
+    @property
+    def strategy(self):
+        from .engines.strategies import Block
+        return Block()
+
+    def sources(self, pairs, extract, pooled=None):
         return None
 
     def site_problem(self, site_name, positions):
@@ -160,11 +245,12 @@ class Knockout(Intervention):
         return None
 
 
-INTERVENTIONS = {method.name: method for method in (Swap(), Noise(), Ablate(), Knockout())}
+INTERVENTIONS = {method.name: method for method in (Swap, Noise, Ablate, Knockout)}
 
 
-def named(name):
-    """The intervention called `name`; a patchmap error naming the available ones otherwise."""
-    if name not in INTERVENTIONS:
-        raise UserError(f"unknown intervention '{name}'; available: {', '.join(INTERVENTIONS)}")
-    return INTERVENTIONS[name]
+def from_run(run):
+    """The intervention of a validated run (a config's, or the Python API's arguments), with its
+    parameters; a patchmap error naming the available ones for an unknown name."""
+    if run["intervention"] not in INTERVENTIONS:
+        raise UserError(f"unknown intervention '{run['intervention']}'; available: {', '.join(INTERVENTIONS)}")
+    return INTERVENTIONS[run["intervention"]].from_run(run)

@@ -7,60 +7,58 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .interventions import named
-from .quantities import METRICS
+from .interventions import Intervention
+from .quantities import DESCRIPTIONS, METRICS
 
 
-def window_layers(layer, window, n_layers):
+def window_layers(layer: int, window: int, n_layers: int) -> list:
     """The layers patched together for `layer`: [layer - window//2, layer - window//2 + window), clipped."""
     start = layer - window // 2
     return list(range(max(start, 0), min(start + window, n_layers)))
 
 
-def touched_layers(layers, window, n_layers):
+def touched_layers(layers: list, window: int, n_layers: int) -> list:
     """Every layer that the patch window of some layer in `layers` touches (where sources are needed)."""
     return sorted({k for layer in layers for k in window_layers(layer, window, n_layers)})
 
 
-def batches(n, batch_size):
+def batches(n: int, batch_size: int) -> list:
     """(a, b): the examples a..b - 1 of each batch of `batch_size` out of n."""
     return [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
 
 
 @dataclass
 class PatchJob:
-    """Patch every site in `sites` at every layer in `layers`, for every example of `pairs`.
+    """Patch every site in `sites` at every layer in `layers`, for every example of `pairs`, with
+    `intervention` (its strategy says what a patched run does at a site).
 
-    `sources`: the source activations (patchmap.activations: extracted, or the ablation values broadcast
-    to every example), None for an intervention that writes none (knockout). `window`: each layer's run
-    patches window_layers(layer, window). `js_base`: 2 or e. Batches hold `batch_size` examples, padded
-    with `pad_id`."""
+    `sources`: the source activations (the intervention's `sources`: extracted, or the ablation values
+    broadcast to every example), None for an intervention that writes none (knockout). `window`: each
+    layer's run patches window_layers(layer, window). `js_base`: 2 or e. Batches hold `batch_size`
+    examples, padded with `pad_id`."""
     model: Any
     pairs: xr.Dataset
     sites: list
     layers: list
     batch_size: int
     pad_id: int
+    intervention: Intervention
     sources: Any = None
     js_base: float = 2.0
     window: int = 1
     progress: bool = True
 
     @property
-    def intervention(self):
-        return named(self.pairs.attrs.get("intervention", "swap"))
-
-    @property
-    def n_examples(self):
+    def n_examples(self) -> int:
         return self.pairs.sizes["example"]
 
-    def batches(self):
+    def batches(self) -> list:
         return batches(self.n_examples, self.batch_size)
 
-    def site_result(self, site, metrics):
+    def site_result(self, site, metrics: dict) -> xr.Dataset:
         """One site's per-example metrics {metric: [example, layer] array} as the dataset both engines
         return (and stages.stack_sites stacks)."""
-        data = {k: (("example", "layer"), metrics[k], {"description": METRICS[k]}) for k in METRICS}
+        data = {k: (("example", "layer"), metrics[k], {"description": DESCRIPTIONS[k]}) for k in METRICS}
         ds = xr.Dataset(data, coords={"example": self.pairs["example"].values, "layer": np.asarray(self.layers)})
         ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                          "positions": site.positions, "js_base": self.js_base, "window": self.window})

@@ -19,14 +19,14 @@ def _log_mixture(logp, logq):
     return torch.where(logp == logq, logp, logm, out=logm)
 
 
-def kl_divergence(logp, logq, base=2.0):
-    """KL(P || Q) along the last axis, in units of log `base`."""
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor, base: float = 2.0) -> torch.Tensor:
+    """KL(P || Q) along the last axis of log-probs [..., V], in units of log `base`: [...]."""
     logp, logq = logp.float(), logq.float()
     return _kl_terms(logp.exp(), logp, logq) / math.log(base)
 
 
-def js_divergence(logp, logq, base=2.0):
-    """JS(P, Q) along the last axis; in [0, 1] for base 2."""
+def js_divergence(logp: torch.Tensor, logq: torch.Tensor, base: float = 2.0) -> torch.Tensor:
+    """JS(P, Q) along the last axis of log-probs [..., V]: [...], in [0, 1] for base 2."""
     logp, logq = logp.float(), logq.float()
     return _js(logp.exp(), logq.exp(), logp, logq, base)
 
@@ -40,8 +40,10 @@ def _js(p, q, logp, logq, base):
 ROWS = 32  # rows per pass: [rows, vocabulary] temporaries then stay in cache, ~2x faster on a CPU
 
 
-def patch_metrics(patched, target, target_answer, source_answer, base=2.0):
-    """Per-example metrics of a patched run against the unpatched target run (log-probs, [B, V])."""
+def patch_metrics(patched: torch.Tensor, target: torch.Tensor, target_answer: torch.Tensor,
+                  source_answer: torch.Tensor, base: float = 2.0) -> dict:
+    """Per-example metrics {metric: [B]} of patched runs against the unpatched target runs (log-probs
+    [B, V] each; answers [B] token ids)."""
     if len(patched) <= ROWS:
         return _patch_metrics(patched, target, target_answer, source_answer, base)
     parts = [_patch_metrics(patched[a:a + ROWS], target[a:a + ROWS], target_answer[a:a + ROWS],

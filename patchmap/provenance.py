@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .interventions import named
+from .interventions import from_run
 
 PACKAGES = ("patchmap", "torch", "transformers", "tokenizers", "numpy", "xarray", "netCDF4", "scipy", "snakemake")
 
@@ -48,7 +48,6 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
                facts_sha256):
     run = config["runs"][run_name]
     model = config["models"][run["model"]]
-    intervention = named(run["intervention"])
     attrs = {
         "title": f"patchmap run '{run_name}': activation patching, {run['intervention']}",
         "run": run_name,
@@ -62,8 +61,7 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
         "facts_sha256": facts_sha256,
         "intervention": run["intervention"],
         "window": run["window"],
-        "ablation_value": run["value"] if intervention.pooled else "",
-        "noise_scale": run["noise_scale"] if intervention.adds_noise else 0.0,
+        **from_run(run).recorded_settings(),
         "js_base": str(run["js_base"]),
         "seed": run["seed"],
         "dtype": run["dtype"],

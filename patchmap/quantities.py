@@ -1,7 +1,7 @@
 """What each per-example metric in a result file means, and its unit. Plain data, without torch: the
 jobs that merge and plot results read it; patchmap.metrics computes the metrics."""
 
-METRICS = {
+DESCRIPTIONS = {
     "js": "Jensen-Shannon divergence between the patched and the unpatched target distribution",
     "kl_patched_target": "KL(P_patched || P_target)",
     "kl_target_patched": "KL(P_target || P_patched)",
@@ -9,7 +9,18 @@ METRICS = {
     "p_source_answer": "probability of the source's answer token under the patched run",
     "flip": "1 if the patched run's top-1 token is the source's answer token, else 0",
 }
+METRICS = tuple(DESCRIPTIONS)  # the per-example metrics, in the order result files hold them
 
-# "bits" is the run's log base: bits for js_base 2, nats for e
-UNITS = {"js": "bits", "kl_patched_target": "bits", "kl_target_patched": "bits",
+IN_LOG_BASE = "the run's log base"  # a divergence: in bits for js_base 2, in nats for e
+UNITS = {"js": IN_LOG_BASE, "kl_patched_target": IN_LOG_BASE, "kl_target_patched": IN_LOG_BASE,
          "p_target_answer": "probability", "p_source_answer": "probability", "flip": "1"}
+
+
+def log_unit(js_base) -> str:
+    """The unit of a divergence computed with logarithms to `js_base` (2 or e)."""
+    return "bits" if js_base == 2 else "nats"
+
+
+def unit(metric: str, js_base) -> str:
+    """The unit of `metric` in a run whose divergences use logarithms to `js_base`."""
+    return log_unit(js_base) if UNITS[metric] == IN_LOG_BASE else UNITS[metric]

@@ -25,3 +25,9 @@ def schema():
 def allowed(section, key):
     """The values the schema allows for `key` in each entry of `section` ("sites" or "runs")."""
     return tuple(_loaded()["properties"][section]["additionalProperties"]["properties"][key]["enum"])
+
+
+def name_pattern():
+    """The pattern every name of a model, dataset, site, run or figure matches (it becomes part of file
+    paths), without its anchors: the workflow's wildcard constraints."""
+    return _loaded()["$defs"]["name"]["pattern"].removeprefix("^").removesuffix("$")

@@ -25,7 +25,7 @@ class Site:
         return cls(name, spec.get("label", name), spec["component"], spec["positions"])
 
 
-def positions(group, length, subject_start, subject_end):
+def positions(group: str, length: int, subject_start: int, subject_end: int) -> list:
     """Token indices of a position group in a prompt of `length` tokens with subject [start, end)."""
     if group == "subject":
         return list(range(subject_start, subject_end))
@@ -50,7 +50,7 @@ def positions(group, length, subject_start, subject_end):
     raise ValueError(f"unknown position group '{group}'; known: {', '.join(POSITION_GROUPS)}")
 
 
-def site_positions(pairs, site):
+def site_positions(pairs, site: Site) -> list:
     """Token positions of `site` in each example of a pairs dataset (identical in target and source)."""
     return [positions(site.positions, int(n), int(a), int(b))
             for n, a, b in zip(pairs["length"].values, pairs["subject_start"].values, pairs["subject_end"].values)]

@@ -1,12 +1,14 @@
-# Config validation (schema + cross-references) and the small functions the rules share.
+# Config validation (schema + cross-references) and the small functions the rules share. Every results path
+# is written once, as its rule's output; the functions here fill those patterns in (filled).
 import os
 import re
 import sys
 from pathlib import Path
 
 from patchmap import config as cfg
-from patchmap.interventions import named as named_intervention
+from patchmap import interventions
 from patchmap.errors import UserError
+from patchmap.schema import name_pattern
 
 try:
     for configfile_path in workflow.configfiles:
@@ -21,23 +23,13 @@ except UserError as error:
 os.environ.update(PATCHMAP_ROOT=os.path.abspath(workflow.basedir))
 
 
+# names become parts of paths: the schema's pattern for them is the one definition
 wildcard_constraints:
     run="|".join(map(re.escape, config["runs"])),
-    model="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    model=name_pattern(),
+    dataset=name_pattern(),
+    figure=name_pattern(),
     shard=r"\d+",
-    site="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    figure="[A-Za-z0-9][A-Za-z0-9_.-]*",
-
-
-def run_of(wildcards):
-    return config["runs"][wildcards.run]
-
-
-def dataset_input(wildcards):
-    """The dataset file the facts come from (downloaded first for a url); nothing if synthetic."""
-    path = cfg.dataset_file(config, wildcards.dataset)
-    return [path] if path else []
 
 
 def filled(pattern, **wildcards):
@@ -45,41 +37,82 @@ def filled(pattern, **wildcards):
     return expand(pattern, **wildcards)[0]
 
 
+def run_of(wildcards):
+    return config["runs"][wildcards.run]
+
+
+def run_sites(wildcards):
+    """The config entries of the run's sites, in the run's order."""
+    return {s: config["sites"][s] for s in run_of(wildcards)["sites"]}
+
+
+def without_resources(spec):
+    """A model's config entry without its cluster resources: changing those must not redo its results."""
+    return {k: v for k, v in spec.items() if k != "resources"}
+
+
+def dataset_file(name):
+    """The file a dataset's facts come from: the download's output for a url, its path, or nothing if
+    synthetic."""
+    dataset = config["datasets"][name]
+    if "url" in dataset:
+        ext = "jsonl" if dataset["url"].endswith(".jsonl") else "json"
+        return [filled(rules.download_dataset.output[0], dataset=name, ext=ext)]
+    return [os.path.expanduser(dataset["path"])] if "path" in dataset else []
+
+
 def facts_file(wildcards):
     return filled(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
 
 
+def model_name(wildcards):
+    """The model a job runs: its {model} wildcard, or its run's model."""
+    return wildcards.model if "model" in wildcards.keys() else run_of(wildcards)["model"]
+
+
+def model_source(name):
+    """Where a model loads from: a built-in model's trained folder, else its path or hub id."""
+    spec = config["models"][name]
+    return filled(rules.train_builtin_model.output[0], model=name) if "builtin" in spec else spec["path"]
+
+
 def model_identity(wildcards):
-    """results/models/{model}.json (rule model_identity): every job that uses a model depends on it."""
-    return cfg.model_identity_file(model_name(wildcards))
+    """Every job that uses a model depends on its identity record (model_identity's output)."""
+    return filled(rules.model_identity.output[0], model=model_name(wildcards))
 
 
 def model_files(wildcards):
     """What a model's identity is made from: the trained directory of a built-in model, every file of a
     local checkpoint folder (so replacing them redoes the results), nothing for a hub id (pinned to the
     commit it resolves to when first used)."""
-    spec = config["models"][wildcards.model]
-    if "builtin" in spec:
-        return cfg.model_dir(config, wildcards.model)
-    folder = Path(spec["path"]).expanduser()
+    source = model_source(wildcards.model)
+    if "builtin" in config["models"][wildcards.model]:
+        return source
+    folder = Path(source).expanduser()
     if not folder.is_dir():
         return []
     return sorted(str(f) for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
 
 
+def predicting_run(wildcards):
+    """The run whose device and batch size make a model's predictions on a dataset in a dtype."""
+    return config["runs"][cfg.predicting_run(config, wildcards.model, wildcards.dataset, wildcards.dtype)]
+
+
 def predictions_input(wildcards):
-    return cfg.predictions_file(config, wildcards.run)
+    run = run_of(wildcards)
+    return filled(rules.predictions.output[0], model=run["model"], dataset=run["dataset"], dtype=run["dtype"])
 
 
 def runs_where(holds):
     """A wildcard pattern matching exactly the runs whose intervention (patchmap.interventions) `holds`."""
-    names = [name for name, run in config["runs"].items() if holds(named_intervention(run["intervention"]))]
+    names = [name for name, run in config["runs"].items() if holds(interventions.from_run(run))]
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def ablation_input(wildcards):
-    """An intervention whose values are pooled over the whole run (ablate) patches them in (rule ablation)."""
-    pooled = named_intervention(run_of(wildcards)["intervention"]).pooled
+    """The values an intervention pools over the whole run (ablate), which its patch jobs write in."""
+    pooled = interventions.from_run(run_of(wildcards)).pooled
     return filled(rules.ablation.output[0], run=wildcards.run) if pooled else []
 
 
@@ -96,16 +129,11 @@ def patch_files(wildcards):
 # `cpus` as the job's threads (capped by --cores) and `gpu_jobs` against the cap in profiles/default
 # (one GPU job at a time), and ignore the rest; profiles/slurm turns them into
 # sbatch options (--gpus, --cpus-per-task, --mem, -t). A retry (--retries) asks for more memory and time.
-def model_name(wildcards):
-    """The model a job runs: its {model} wildcard, or its run's model."""
-    return wildcards.model if "model" in wildcards.keys() else run_of(wildcards)["model"]
-
-
 def job_device(wildcards):
     """The device a job's model runs on: its run's, or for predictions the predicting run's."""
     if "run" in wildcards.keys():
         return run_of(wildcards)["device"]
-    return config["runs"][cfg.predicting_run(config, wildcards.model, wildcards.dataset, wildcards.dtype)]["device"]
+    return predicting_run(wildcards)["device"]
 
 
 def model_resources(wildcards):

@@ -3,6 +3,7 @@ rule divergence:
         patches=patch_files,
         pairs=rules.pairs.output[0],
         model=model_identity,
+        dataset=lambda w: dataset_file(run_of(w)["dataset"]),
     output:
         "results/{run}/divergence.nc",
     params:

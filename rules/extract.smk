@@ -1,5 +1,6 @@
-# Only the ablate intervention extracts in a job of its own: its patch jobs need the mean over every
-# shard's activations first. swap and noise extract inside each shard's patch job; knockout never does.
+# Only an intervention whose values are pooled over the run (ablate) extracts in jobs of its own: its
+# patch jobs need every shard's activations first. swap and noise extract inside each shard's patch job;
+# knockout never does.
 rule extract:
     input:
         pairs=rules.pairs.output[0],
@@ -8,7 +9,7 @@ rule extract:
         "results/{run}/activations/{shard}.nc",
     params:
         run=run_of,
-        sites=lambda w: {s: config["sites"][s] for s in run_of(w)["sites"]},
+        sites=run_sites,
     log:
         "results/{run}/logs/extract/{shard}.log",
     benchmark:

@@ -1,6 +1,6 @@
 rule facts:
     input:
-        dataset_input,
+        lambda w: dataset_file(w.dataset),
     output:
         "results/datasets/{dataset}/facts.jsonl",
     params:

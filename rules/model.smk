@@ -2,8 +2,7 @@ rule train_builtin_model:
     output:
         directory("results/models/{model}"),
     params:
-        # the model without its cluster resources: changing those must not retrain it
-        model=lambda w: {k: v for k, v in config["models"][w.model].items() if k != "resources"},
+        model=lambda w: without_resources(config["models"][w.model]),
         world=lambda w: config["datasets"][config["models"][w.model]["builtin"]["dataset"]],
     log:
         "results/models/logs/{model}.log",
@@ -17,4 +16,4 @@ rule train_builtin_model:
     conda:
         "../envs/patchmap.yaml"
     script:
-        "../scripts/train_model.py"
+        "../scripts/train_builtin_model.py"

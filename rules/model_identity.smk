@@ -1,13 +1,14 @@
-# results/models/{model}.json: a local checkpoint's sha256 (its files are this rule's inputs, so replacing
-# them redoes every result of the model) or a hub model's resolved commit (loads use it).
+# results/models/{model}.json: where the model loads from, and a local checkpoint's sha256 (its files are
+# this rule's inputs, so replacing them redoes every result of the model) or a hub model's resolved commit
+# (loads use it).
 rule model_identity:
     input:
         model_files,
     output:
         "results/models/{model}.json",
     params:
-        # the model without its cluster resources: changing those must not redo its results
-        model=lambda w: {k: v for k, v in config["models"][w.model].items() if k != "resources"},
+        model=lambda w: without_resources(config["models"][w.model]),
+        source=lambda w: model_source(w.model),
     log:
         "results/models/logs/{model}.identity.log",
     benchmark:

@@ -8,7 +8,7 @@ rule predictions:
         # what the predictions depend on besides model, dataset and dtype (a change in a run's other
         # settings must not redo them)
         device=job_device,
-        batch_size=lambda w: config["runs"][cfg.predicting_run(config, w.model, w.dataset, w.dtype)]["batch_size"],
+        batch_size=lambda w: predicting_run(w)["batch_size"],
     log:
         "results/predictions/logs/{model}/{dataset}/{dtype}.log",
     benchmark:

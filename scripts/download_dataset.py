@@ -1,4 +1,6 @@
 from patchmap import stages
+from patchmap.runtime import reported_errors
 
-with stages.reported_errors(snakemake.log[0]):
-    stages.download_dataset(snakemake.config, snakemake.wildcards.dataset, snakemake.output[0])
+with reported_errors(snakemake.log[0]):
+    stages.download_dataset(snakemake.wildcards.dataset, snakemake.params.url, snakemake.params.sha256,
+                            snakemake.output[0])

@@ -1,4 +1,6 @@
 from patchmap import stages
+from patchmap.runtime import reported_errors
 
-with stages.reported_errors(snakemake.log[0]):
-    stages.make_facts(snakemake.config, snakemake.wildcards.dataset, snakemake.output[0])
+with reported_errors(snakemake.log[0]):
+    stages.facts(snakemake.wildcards.dataset, snakemake.params.dataset, (list(snakemake.input) or [None])[0],
+                 snakemake.output[0])

@@ -1,4 +1,5 @@
 from patchmap import stages
+from patchmap.runtime import reported_errors
 
-with stages.reported_errors(snakemake.log[0]):
+with reported_errors(snakemake.log[0]):
     stages.lines(snakemake.input[0], snakemake.output.png, snakemake.output.pdf)

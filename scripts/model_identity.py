@@ -1,4 +1,6 @@
 from patchmap import stages
+from patchmap.runtime import reported_errors
 
-with stages.reported_errors(snakemake.log[0]):
-    stages.model_identity(snakemake.config, snakemake.wildcards.model, snakemake.output[0])
+with reported_errors(snakemake.log[0]):
+    stages.model_identity(snakemake.wildcards.model, snakemake.params.model, snakemake.params.source,
+                          snakemake.output[0])

@@ -4,6 +4,8 @@ from transformers import LlamaForCausalLM
 
 from patchmap import models, synthetic
 from patchmap.builtin import llama_config, word_tokenizer
+from patchmap.pairs import make_pairs
+from patch_runs import run_intervention
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +20,17 @@ def one_thread():
 @pytest.fixture(scope="session")
 def world():
     return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2)
+
+
+@pytest.fixture(scope="session")
+def pairs_for(world):
+    """pairs_for(model, tokenizer, examples, seed, intervention="swap", facts=None, known_only=False, **settings):
+    the pairs of the world's facts (or `facts`) that the Python API would make, for the intervention as a
+    run with `settings` makes it."""
+    def make(model, tokenizer, examples=6, seed=0, intervention="swap", facts=None, known_only=False, **settings):
+        return make_pairs(model, tokenizer, synthetic.facts(world) if facts is None else facts, examples, seed,
+                          known_only=known_only, intervention=run_intervention(intervention, **settings))
+    return make
 
 
 @pytest.fixture(scope="session")

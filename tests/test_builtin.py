@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from patchmap import builtin, stages
+from patchmap import builtin, shipped, stages
 from patchmap import config as cfg
 from patchmap.errors import UserError
 from patchmap.schema import SCHEMA
@@ -23,14 +23,14 @@ def default_config(name="config.yaml"):
 
 
 def default_spec(config, model="facts-llama"):
-    return builtin.settings_from_config(config, model)
+    return shipped.settings_from_config(config, model)
 
 
 def shipped_default(config):
-    shipped = builtin.shipped_model(builtin.training_spec(*default_spec(config)))
-    assert shipped is not None, ("no shipped weights were trained from the default spec; make them with "
+    found = shipped.shipped_model(shipped.training_spec(*default_spec(config)))
+    assert found is not None, ("no shipped weights were trained from the default spec; make them with "
                                  "python benchmarks/retrain_default.py --out patchmap/pretrained/facts-llama")
-    return shipped
+    return found
 
 
 def train_with_caller_threads(threads, out):
@@ -51,8 +51,8 @@ def test_training_is_identical_with_one_and_two_caller_threads(tmp_path):
     assert one["weights_sha256"] == two["weights_sha256"]
     for run in ("one", "two"):
         recorded = json.loads((tmp_path / run / "training.json").read_text())
-        assert recorded["weights_sha256"] == builtin.saved_weights_sha256(tmp_path / run) == one["weights_sha256"]
-        assert recorded["spec"] == builtin.training_spec(WORLD, SHAPE, SHORT)
+        assert recorded["weights_sha256"] == shipped.saved_weights_sha256(tmp_path / run) == one["weights_sha256"]
+        assert recorded["spec"] == shipped.training_spec(WORLD, SHAPE, SHORT)
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
 
 
@@ -91,28 +91,29 @@ def test_the_default_configs_use_the_shipped_weights(tmp_path, config_file):
     config = default_config(config_file)
     shipped_default(config)
     out = tmp_path / "facts-llama"
-    stages.train_model(config, "facts-llama", out)  # a copy, checked against its hash: no training
+    model = config["models"]["facts-llama"]
+    stages.train_builtin_model("facts-llama", model, config["datasets"][model["builtin"]["dataset"]], out)  # a copy
     recorded = json.loads((out / "training.json").read_text())
     assert recorded["question_accuracy"] == recorded["target_accuracy"] == 1.0
-    assert builtin.saved_weights_sha256(out) == recorded["weights_sha256"]
-    assert recorded["spec"] == builtin.training_spec(*default_spec(config))
+    assert shipped.saved_weights_sha256(out) == recorded["weights_sha256"]
+    assert recorded["spec"] == shipped.training_spec(*default_spec(config))
 
 
 def test_any_other_spec_is_trained_not_shipped():
     world, shape, train = default_spec(default_config())
-    assert builtin.shipped_model(builtin.training_spec(world, shape, {**train, "seed": 1})) is None
-    assert builtin.shipped_model(builtin.training_spec({**world, "seed": 1}, shape, train)) is None
-    assert builtin.shipped_model(builtin.training_spec(world, {**shape, "layers": 4}, train)) is None
+    assert shipped.shipped_model(shipped.training_spec(world, shape, {**train, "seed": 1})) is None
+    assert shipped.shipped_model(shipped.training_spec({**world, "seed": 1}, shape, train)) is None
+    assert shipped.shipped_model(shipped.training_spec(world, {**shape, "layers": 4}, train)) is None
 
 
 def test_tampered_shipped_weights_are_refused(tmp_path, monkeypatch):
-    shipped = tmp_path / "pretrained" / "m"
-    builtin.train_builtin(shipped, WORLD, SHAPE, SHORT)
-    training = json.loads((shipped / "training.json").read_text())
-    (shipped / "training.json").write_text(json.dumps({**training, "weights_sha256": "0" * 64}))
-    monkeypatch.setattr(builtin, "PRETRAINED", tmp_path / "pretrained")
-    found = builtin.shipped_model(builtin.training_spec(WORLD, SHAPE, SHORT))
-    assert found == shipped
+    tampered = tmp_path / "pretrained" / "m"
+    builtin.train_builtin(tampered, WORLD, SHAPE, SHORT)
+    training = json.loads((tampered / "training.json").read_text())
+    (tampered / "training.json").write_text(json.dumps({**training, "weights_sha256": "0" * 64}))
+    monkeypatch.setattr(shipped, "PRETRAINED", tmp_path / "pretrained")
+    found = shipped.shipped_model(shipped.training_spec(WORLD, SHAPE, SHORT))
+    assert found == tampered
     with pytest.raises(UserError, match="shipped weights .* have sha256"):
-        builtin.install_shipped(found, tmp_path / "out")
+        shipped.install_shipped(found, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -7,14 +7,13 @@ import pytest
 import torch
 import transformers
 
-from patch_runs import extract, patch
+from patch_runs import extract, patch_job
 
 from patchmap import config as cfg
 from patchmap import models, stages, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.errors import UserError
 from patchmap.engines.fast.blocks import FastEngine
-from patchmap.pairs import make_pairs
 from patchmap.sites import Site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,8 +61,15 @@ def _config(path, run=None, **model):
     return cfg.validate(config)
 
 
+def _load_through_the_config(config, directory):
+    """The run's model as a patch job loads it: from the identity record the model_identity stage makes."""
+    identity = directory / "m.json"
+    stages.model_identity("m", config["models"]["m"], config["models"]["m"]["path"], identity)
+    return stages.load_run_model(config, "r", identity)
+
+
 def _js(model, tokenizer, pairs, engine, **options):
-    out = patch(model, tokenizer, pairs, extract(model, tokenizer, pairs, SITES), SITES, engine=engine, **options)
+    out = patch_job(model, tokenizer, pairs, extract(model, tokenizer, pairs, SITES), SITES, engine=engine, **options)
     return {name: ds["js"].values for name, ds in out.items()}
 
 
@@ -76,7 +82,8 @@ def loaded(world, tmp_path_factory):
         if family not in out:
             path = _checkpoint(family, world, tmp_path_factory.mktemp(family))
             plain, tokenizer = models.load(path)
-            spread, _ = stages.load_run_model(_config(path, {"device": "auto"}, device_map=OFFLOADED[family]), "r")
+            spread, _ = _load_through_the_config(_config(path, {"device": "auto"}, device_map=OFFLOADED[family]),
+                                                 tmp_path_factory.mktemp(f"{family}-identity"))
             out[family] = plain, tokenizer, spread
         return out[family]
     return load
@@ -84,14 +91,13 @@ def loaded(world, tmp_path_factory):
 
 @pytest.mark.parametrize("family, intervention", [("llama", "swap"), ("gpt2", "swap"), ("llama", "noise"),
                                                   ("llama", "knockout")])
-def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, intervention, loaded, world):
+def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, intervention, loaded, pairs_for):
     plain, tokenizer, spread = loaded(family)
     blocks = models.blocks(spread)
     for layer in (0, 2):
         assert hasattr(blocks[layer], "_hf_hook"), "accelerate's hook is not on the offloaded block"
         assert {p.device.type for p in blocks[layer].parameters()} == {"meta"}, "block weights not offloaded"
-    pairs = make_pairs(plain, tokenizer, synthetic.facts(world), examples=8, seed=1, known_only=False,
-                       intervention=intervention)
+    pairs = pairs_for(plain, tokenizer, examples=8, seed=1, intervention=intervention)
     expected = _js(plain, tokenizer, pairs, "reference")
     # the fast engine as on blocks spread over several GPUs (all logits of the clean run, not only those
     # at the prompts' last positions), too
@@ -105,15 +111,15 @@ def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, in
     assert max(js.max() for js in expected.values()) > 0.1  # the comparison is not between zeros
 
 
-def test_a_strategy_with_max_memory_offloads_what_does_not_fit(loaded, world, tmp_path):
+def test_a_strategy_with_max_memory_offloads_what_does_not_fit(loaded, world, tmp_path, pairs_for):
     """device_map: sequential with max_memory {cpu: half the model}: accelerate puts the rest on disk."""
     plain, tokenizer, _ = loaded("llama")
     half = sum(p.numel() * p.element_size() for p in plain.parameters()) // 2
     path = _checkpoint("llama", world, tmp_path / "llama")
     config = _config(path, {"device": "auto"}, device_map="sequential", max_memory={"cpu": half})
-    spread, _ = stages.load_run_model(config, "r")
+    spread, _ = _load_through_the_config(config, tmp_path)
     assert "disk" in spread.hf_device_map.values() and "cpu" in spread.hf_device_map.values()
-    pairs = make_pairs(plain, tokenizer, synthetic.facts(world), examples=8, seed=1, known_only=False)
+    pairs = pairs_for(plain, tokenizer, examples=8, seed=1)
     expected, got = _js(plain, tokenizer, pairs, "reference"), _js(spread, tokenizer, pairs, "fast")
     for name, js in expected.items():
         assert np.abs(got[name] - js).max() <= TOLERANCE, name
@@ -124,7 +130,7 @@ def test_cpu_and_auto_without_a_gpu_load_onto_the_cpu(loaded, tmp_path, world):
         pytest.skip("this machine has a GPU: device auto spreads over it")
     path = _checkpoint("gpt2", world, tmp_path / "gpt2")
     for device in ("cpu", "auto"):
-        model, _ = stages.load_run_model(_config(path, {"device": device}), "r")
+        model, _ = _load_through_the_config(_config(path, {"device": device}), tmp_path)
         assert {p.device.type for p in model.parameters()} == {"cpu"}
         assert not hasattr(model, "hf_device_map") or set(model.hf_device_map.values()) == {"cpu"}
         assert models.input_device(model) == models.output_device(model) == torch.device("cpu")

@@ -3,20 +3,20 @@ import pytest
 import torch
 import xarray as xr
 
-from patch_runs import ALL_SITES, extract, patch
+from patch_runs import ALL_SITES, extract, patch_job
 
 from patchmap import models, synthetic
 from patchmap.api import patch_heatmap
 from patchmap.engines.hooks import capture, pad_batch, patched_logprobs, position_mask
 from patchmap.errors import UserError
-from patchmap.pairs import make_pairs, token_lists
+from patchmap.encoding import token_lists
 from patchmap.sites import Site
 from tolerances import LOGPROB_TOLERANCE, assert_datasets_close
 
+
 @pytest.fixture(scope="module")
-def pairs(tiny_model, world):
-    model, tokenizer = tiny_model
-    return make_pairs(model, tokenizer, synthetic.facts(world), examples=10, seed=0, known_only=False)
+def pairs(tiny_model, pairs_for):
+    return pairs_for(*tiny_model, examples=10)
 
 
 def self_pairs(pairs):
@@ -29,7 +29,7 @@ def self_pairs(pairs):
 
 def run_sites(model, tokenizer, pairs, sites, batch_size=4):
     acts = extract(model, tokenizer, pairs, sites, batch_size=batch_size)
-    return patch(model, tokenizer, pairs, acts, sites, batch_size=batch_size, engine="reference")
+    return patch_job(model, tokenizer, pairs, acts, sites, batch_size=batch_size, engine="reference")
 
 
 def test_pairs_line_up(pairs):
@@ -65,10 +65,9 @@ def test_patching_every_position_at_the_last_layer_gives_the_source_distribution
         pairs["source_answer"].values)).float().mean().item()
 
 
-def test_batching_with_padding_equals_one_at_a_time(tiny_model, world):
+def test_batching_with_padding_equals_one_at_a_time(tiny_model, pairs_for):
     model, tokenizer = tiny_model
-    facts = synthetic.facts(world)
-    pairs = make_pairs(model, tokenizer, facts, examples=12, seed=1, known_only=False)
+    pairs = pairs_for(model, tokenizer, examples=12, seed=1)
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
     together = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=12)
     alone = run_sites(model, tokenizer, pairs, ALL_SITES[:6], batch_size=1)

@@ -1,24 +1,22 @@
 """The fast engine against the reference engine, on tiny random-weight models of every supported family
 (saved with save_pretrained and loaded through patchmap.models.load, the real from_pretrained path)."""
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from families import FAMILIES, build_model
-from patch_runs import ALL_SITES, engines_agree, extract, patch
+from patch_runs import ALL_SITES, engines_agree, extract, patch_job, run_intervention
 
-from patchmap import activations, models, synthetic
+from patchmap import models, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.engines.fast.blocks import FastEngine
 from patchmap.engines.memory import is_out_of_memory
+from patchmap.engines import flops
 from patchmap.engines import reference as reference_engine
 from patchmap.errors import UserError
-from patchmap.pairs import make_pairs
 from patchmap.sites import COMPONENTS, Site
 from tolerances import assert_datasets_close
 
@@ -55,13 +53,9 @@ def load_family(tmp_path_factory, world):
     return load
 
 
-def _pairs(model, tokenizer, world, examples=10, seed=1):
-    return make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False)
-
-
-def test_fast_equals_reference_for_every_site(each_family, world):
+def test_fast_equals_reference_for_every_site(each_family, pairs_for):
     model, tokenizer = each_family
-    pairs = _pairs(model, tokenizer, world)
+    pairs = pairs_for(model, tokenizer, examples=10, seed=1)
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
     reference, _, _ = engines_agree(model, tokenizer, pairs, extract(model, tokenizer, pairs, ALL_SITES, batch_size=5),
                                     ALL_SITES, batch_size=5)
@@ -69,9 +63,9 @@ def test_fast_equals_reference_for_every_site(each_family, world):
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
 
 
-def test_without_the_span_path_and_with_it_the_subject_row_agrees(world, load_family):
+def test_without_the_span_path_and_with_it_the_subject_row_agrees(load_family, pairs_for):
     model, tokenizer = load_family("qwen2")
-    pairs = _pairs(model, tokenizer, world, examples=8)
+    pairs = pairs_for(model, tokenizer, examples=8, seed=1)
     sites = [s for s in ALL_SITES if s.component == "resid"]
     acts = extract(model, tokenizer, pairs, sites, batch_size=8)
     for spans in (True, False):
@@ -79,22 +73,20 @@ def test_without_the_span_path_and_with_it_the_subject_row_agrees(world, load_fa
         assert (engine.stats["span_runs"] > 0) == spans
 
 
-def _intervention_job(model, tokenizer, world, intervention, sites, examples, seed, batch_size):
-    """Pairs and source activations (ablation values for ablate-zero / ablate-mean) of one intervention."""
+def _intervention_job(pairs_for, model, tokenizer, intervention, sites, examples, seed, batch_size):
+    """Pairs and the sources the intervention writes in (ablation values for ablate-zero / ablate-mean)."""
     method, _, value = intervention.partition("-")
-    pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=examples, seed=seed, known_only=False,
-                       intervention=method, noise_scale=3.0)
-    acts = extract(model, tokenizer, pairs, sites, batch_size=batch_size)
-    if method == "ablate":
-        acts = activations.broadcast_ablation(activations.ablation_values([acts], sites, value), pairs)
-    return pairs, acts
+    pairs = pairs_for(model, tokenizer, examples, seed, method)
+    sources = run_intervention(method, value=value or "mean").sources(
+        pairs, lambda: extract(model, tokenizer, pairs, sites, batch_size=batch_size))
+    return pairs, sources
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
-def test_fast_equals_reference_for_noise_and_ablation(world, load_family, family, intervention):
+def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):
     model, tokenizer = load_family(family)
-    pairs, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 8, 1, 4)
+    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, ALL_SITES, 8, 1, 4)
     reference, _, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=4)
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
     # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
@@ -103,26 +95,25 @@ def test_fast_equals_reference_for_noise_and_ablation(world, load_family, family
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("intervention", ["swap", "noise", "ablate-mean"])
-def test_fast_equals_reference_with_a_patch_window(world, load_family, family, intervention):
+def test_fast_equals_reference_with_a_patch_window(load_family, pairs_for, family, intervention):
     """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
     blocks) on every component and position group."""
     model, tokenizer = load_family(family)
-    pairs, acts = _intervention_job(model, tokenizer, world, intervention, ALL_SITES, 6, 2, 3)
+    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, ALL_SITES, 6, 2, 3)
     for window in (2, 3):
         _, fast, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3, window=window)
         assert engine.stats["patched_runs"] > 0
         assert (engine.stats["span_runs"] > 0) == (intervention != "ablate-mean")
-    single = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3)
+    single = patch_job(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3)
     assert any(np.abs(single[s.name]["js"].values - fast[s.name]["js"].values).max() > 1e-3 for s in ALL_SITES)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
-def test_fast_equals_reference_for_attention_knockout(world, load_family, family):
+def test_fast_equals_reference_for_attention_knockout(load_family, pairs_for, family):
     """Knockout: the last position's attention to each position group blocked, in windows of 1 and 3."""
     model, tokenizer = load_family(family)
     sites = [s for s in ALL_SITES if s.component == "attn" and s.positions != "all"]  # knockout ignores the component
-    pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=2, known_only=False,
-                       intervention="knockout")
+    pairs = pairs_for(model, tokenizer, examples=6, seed=2, intervention="knockout")
     for window in (1, 3):
         reference, _, engine = engines_agree(model, tokenizer, pairs, None, sites, batch_size=3, window=window)
         assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
@@ -130,16 +121,16 @@ def test_fast_equals_reference_for_attention_knockout(world, load_family, family
     everything = [Site("all", "All", "attn", "all")]
     for engine in ("fast", "reference"):
         with pytest.raises(UserError, match="would block every token the last one attends to"):
-            patch(model, tokenizer, pairs, None, everything, batch_size=3, engine=engine)
+            patch_job(model, tokenizer, pairs, None, everything, batch_size=3, engine=engine)
 
 
-def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(world, load_family):
+def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(load_family, pairs_for):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, world, examples=4)
+    pairs = pairs_for(model, tokenizer, examples=4, seed=1)
     site = [Site("last", "Last.", "resid", "last")]
     acts = extract(model, tokenizer, pairs, site, layers=[1])
     with pytest.raises(UserError, match=r"no source activations at layers \[0, 2\]"):
-        patch(model, tokenizer, pairs, acts, site, layers=[1], window=3)
+        patch_job(model, tokenizer, pairs, acts, site, layers=[1], window=3)
 
 
 def test_layout_modules_exist_and_are_distinct(each_family):
@@ -150,45 +141,45 @@ def test_layout_modules_exist_and_are_distinct(each_family):
     assert models.final_modules(model), "every family has a final norm"
 
 
-def test_padded_batch_equals_one_at_a_time(world, load_family):
+def test_padded_batch_equals_one_at_a_time(load_family, pairs_for):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, world, examples=12, seed=2)
+    pairs = pairs_for(model, tokenizer, examples=12, seed=2)
     assert len(set(pairs["length"].values.tolist())) > 1
     acts = extract(model, tokenizer, pairs, ALL_SITES, batch_size=12)
-    together = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=12)
-    alone = patch(model, tokenizer, pairs, acts, ALL_SITES, batch_size=1)
+    together = patch_job(model, tokenizer, pairs, acts, ALL_SITES, batch_size=12)
+    alone = patch_job(model, tokenizer, pairs, acts, ALL_SITES, batch_size=1)
     assert_datasets_close(alone, together)
 
 
-def test_small_chunks_and_a_layer_subset_give_the_same_numbers(world, load_family):
+def test_small_chunks_and_a_layer_subset_give_the_same_numbers(load_family, pairs_for):
     model, tokenizer = load_family("gpt2")
-    pairs = _pairs(model, tokenizer, world, examples=6)
+    pairs = pairs_for(model, tokenizer, examples=6, seed=1)
     sites, layers = ALL_SITES[::4], [2, 0]
     acts = extract(model, tokenizer, pairs, sites, layers=layers, batch_size=6)
     engines_agree(model, tokenizer, pairs, acts, sites, layers, batch_size=6, max_tokens=7)
 
 
-def test_out_of_memory_backs_off_without_changing_results(world, load_family, caplog):
+def test_out_of_memory_backs_off_without_changing_results(load_family, pairs_for, caplog):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, world, examples=8)
+    pairs = pairs_for(model, tokenizer, examples=8, seed=1)
     sites = [ALL_SITES[0], ALL_SITES[7]]
     acts = extract(model, tokenizer, pairs, sites, batch_size=8)
-    plain = patch(model, tokenizer, pairs, acts, sites, batch_size=8)
+    plain = patch_job(model, tokenizer, pairs, acts, sites, batch_size=8)
     engine = FastEngine(model, max_tokens=10_000, fail_above=40)
     with caplog.at_level(logging.WARNING, logger="patchmap"):
-        backed_off = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine=engine)
+        backed_off = patch_job(model, tokenizer, pairs, acts, sites, batch_size=8, engine=engine)
     assert engine.stats["oom_retries"] > 0 and engine.max_tokens <= 40
     assert "out of memory" in caplog.text and "retrying in halves" in caplog.text
     # smaller batches change matrix shapes, and with them float32 rounding: the same tolerance as fast vs reference
     assert_datasets_close(plain, backed_off)
 
 
-def test_the_reference_engine_halves_a_batch_on_out_of_memory(world, load_family, caplog, monkeypatch):
+def test_the_reference_engine_halves_a_batch_on_out_of_memory(load_family, pairs_for, caplog, monkeypatch):
     model, tokenizer = load_family("llama")
-    pairs = _pairs(model, tokenizer, world, examples=8)
+    pairs = pairs_for(model, tokenizer, examples=8, seed=1)
     sites = [ALL_SITES[0]]
     acts = extract(model, tokenizer, pairs, sites, batch_size=8)
-    plain = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
+    plain = patch_job(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
     patch_batch, sizes = reference_engine.patch_batch, []
 
     def small_memory(model, site, layers, target_ids, *args, **kwargs):
@@ -198,7 +189,7 @@ def test_the_reference_engine_halves_a_batch_on_out_of_memory(world, load_family
         return patch_batch(model, site, layers, target_ids, *args, **kwargs)
     monkeypatch.setattr(reference_engine, "patch_batch", small_memory)
     with caplog.at_level(logging.WARNING, logger="patchmap"):
-        halved = patch(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
+        halved = patch_job(model, tokenizer, pairs, acts, sites, batch_size=8, engine="reference")
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     assert "out of memory patching examples 0-7" in caplog.text and "retrying in halves" in caplog.text
     assert_datasets_close(plain, halved)
@@ -229,21 +220,17 @@ def test_config_chooses_the_engine():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(world, load_family, family):
-    """benchmarks/flops.py: the exact-work floor is a lower bound of any exact engine, so it must not exceed
-    what the fast engine's counters say it computed, nor that the reference's full forwards."""
-    spec = importlib.util.spec_from_file_location("flops", Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py")
-    flops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flops)
-
+def test_the_benchmarks_flop_floor_lies_below_the_fast_schedule(load_family, pairs_for, family):
+    """patchmap/engines/flops.py: the exact-work floor is a lower bound of any exact engine, so it must not
+    exceed what the fast engine's counters say it computed, nor that the reference's full forwards."""
     model, tokenizer = load_family(family)
-    pairs = _pairs(model, tokenizer, world, examples=8)
+    pairs = pairs_for(model, tokenizer, examples=8, seed=1)
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("last", "Last.", "resid", "last")]
     layers = list(range(models.n_layers(model)))
     engine = FastEngine(model)
-    patch(model, tokenizer, pairs, extract(model, tokenizer, pairs, sites, batch_size=8), sites, batch_size=8,
-          engine=engine)
+    patch_job(model, tokenizer, pairs, extract(model, tokenizer, pairs, sites, batch_size=8), sites, batch_size=8,
+              engine=engine)
     lengths = [int(n) for n in pairs["length"].values]
     assert engine.stats["span_runs"] > 0  # the floor assumes the subject's span path
     fast = flops.fast_flops(model, engine.stats, float(sum(n * n for n in lengths)))

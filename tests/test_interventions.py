@@ -1,19 +1,22 @@
-"""ablate, knockout and window: each against a direct computation of what it should be."""
+"""ablate, knockout and window: each against a direct computation of what it should be; and a new
+intervention, defined here, on both engines with no change to them."""
 
+import numpy as np
 import pytest
 import torch
 from families import build_model
-from patch_runs import extract, patch
+from patch_runs import ALL_SITES, engines_agree, extract, patch_job, run_intervention
 
-from patchmap import activations, models, synthetic
+from patchmap import models, synthetic
 from patchmap.api import patch_heatmap
 from patchmap.builtin import word_tokenizer
 from patchmap.engines.hooks import (capture, hooks, knockout_hook, last_logprobs, pad_batch, patched_logprobs,
                                     position_mask, replace_hook)
+from patchmap.encoding import token_lists
+from patchmap.interventions import Ablate, Intervention
 from patchmap.metrics import js_divergence
-from patchmap.pairs import make_pairs, token_lists
-from tolerances import LOGPROB_TOLERANCE, TOLERANCES
 from patchmap.sites import COMPONENTS, Site, site_positions
+from tolerances import LOGPROB_TOLERANCE, TOLERANCES, assert_datasets_close
 
 SITES = {f"{c}-{p}": {"component": c, "positions": p} for c in COMPONENTS for p in ("subject", "last", "relation")}
 
@@ -23,10 +26,8 @@ def batch(pairs, tokenizer, role="target"):
 
 
 @pytest.fixture(scope="module")
-def self_pairs(tiny_model, world):
-    model, tokenizer = tiny_model
-    return make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=0, known_only=False,
-                      intervention="ablate")
+def self_pairs(tiny_model, pairs_for):
+    return pairs_for(*tiny_model, examples=6, intervention="ablate")
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -34,9 +35,8 @@ def test_zero_ablation_equals_patching_in_zero(tiny_model, self_pairs, component
     model, tokenizer = tiny_model
     site = Site("s", "S", component, "subject")
     layers = list(range(models.n_layers(model)))
-    acts = extract(model, tokenizer, self_pairs, [site], batch_size=6)
-    zero = activations.broadcast_ablation(activations.ablation_values([acts], [site], "zero"), self_pairs)
-    ds = patch(model, tokenizer, self_pairs, zero, [site], batch_size=3, engine="reference")["s"]
+    zero = Ablate("zero").sources(self_pairs, lambda: extract(model, tokenizer, self_pairs, [site], batch_size=6))
+    ds = patch_job(model, tokenizer, self_pairs, zero, [site], batch_size=3, engine="reference")["s"]
     ids, mask, pos, lengths = batch(self_pairs, tokenizer)
     target = last_logprobs(model, ids, mask, pos, lengths)
     where = position_mask(site_positions(self_pairs, site), ids.shape[1], "cpu")
@@ -107,15 +107,14 @@ def test_knockout_through_the_stages(tiny_model, world):
     assert float(ds["js"].min()) >= 0 and float(ds["js"].max()) > 0
 
 
-def test_window_of_one_is_plain_patching_and_wider_windows_patch_neighbours(tiny_model, world):
+def test_window_of_one_is_plain_patching_and_wider_windows_patch_neighbours(tiny_model, pairs_for):
     model, tokenizer = tiny_model
-    facts = synthetic.facts(world)
-    pairs = make_pairs(model, tokenizer, facts, examples=6, seed=0, known_only=False)
+    pairs = pairs_for(model, tokenizer, examples=6)
     site = Site("s", "S", "mlp", "subject")
     layers = list(range(models.n_layers(model)))
     acts = extract(model, tokenizer, pairs, [site], batch_size=6)
-    one = patch(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=1)["s"]
-    three = patch(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=3)["s"]
+    one = patch_job(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=1)["s"]
+    three = patch_job(model, tokenizer, pairs, acts, [site], batch_size=6, engine="reference", window=3)["s"]
     ids, mask, pos, lengths = batch(pairs, tokenizer)
     src = batch(pairs, tokenizer, "source")
     store, _ = capture(model, *src, ["mlp"], layers)
@@ -131,3 +130,45 @@ def test_window_of_one_is_plain_patching_and_wider_windows_patch_neighbours(tiny
             window = last_logprobs(model, ids, mask, pos, lengths)
         torch.testing.assert_close(torch.from_numpy(three["js"].sel(layer=layer).values), js_divergence(window, target),
                                    atol=1e-6, rtol=0)
+
+
+class Scale(Intervention):
+    """A new intervention, defined here: the site's activation times `factor` (each fact its own source)."""
+    name = "scale"
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def write(self, base, source):
+        return base * self.factor
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_an_intervention_defined_in_a_test_runs_on_both_engines(tiny_model, self_pairs, factor):
+    """No engine, stages.py or api.py knows Scale: it gives the engines its write strategy. Scaling by 0 is
+    zero ablation, number for number, on each engine; by 0.5 it moves the distribution less."""
+    model, tokenizer = tiny_model
+    sites = [s for s in ALL_SITES if s.positions in ("subject", "last", "relation")]
+    sources = Scale(factor).sources(self_pairs, lambda: extract(model, tokenizer, self_pairs, sites, batch_size=6))
+    reference, fast, _ = engines_agree(model, tokenizer, self_pairs, sources, sites, batch_size=3,
+                                       intervention=Scale(factor))
+    zero = Ablate("zero").sources(self_pairs, lambda: extract(model, tokenizer, self_pairs, sites, batch_size=6))
+    for engine, scaled in (("reference", reference), ("fast", fast)):
+        ablated = patch_job(model, tokenizer, self_pairs, zero, sites, batch_size=3, engine=engine,
+                            intervention=run_intervention("ablate", value="zero"))
+        if factor == 0:
+            for name in ablated:
+                for metric in ablated[name].data_vars:
+                    np.testing.assert_array_equal(scaled[name][metric].values, ablated[name][metric].values)
+        else:
+            for name in ablated:
+                assert float(scaled[name]["js"].mean()) < float(ablated[name]["js"].mean()), name
+
+
+def test_the_python_api_takes_an_intervention_object(tiny_model, world):
+    model, tokenizer = tiny_model
+    kwargs = dict(sites=SITES, examples=4, known_only=False, progress=False)
+    scaled = patch_heatmap(model, tokenizer, synthetic.facts(world), intervention=Scale(0.0), **kwargs)
+    ablated = patch_heatmap(model, tokenizer, synthetic.facts(world), intervention="ablate", value="zero", **kwargs)
+    assert scaled.attrs["intervention"] == "scale"
+    assert_datasets_close({"all": ablated}, {"all": scaled})

@@ -12,10 +12,11 @@ import yaml
 from transformers import LlamaForCausalLM
 from workflow_utils import REPO, TINY, count_model_loads, finished_workflow, snakemake, write_config
 
-from patch_runs import extract, patch
+from patch_runs import extract, patch_job, run_intervention
 
 from patchmap import config as cfg
-from patchmap import activations, models, pairs, provenance, synthetic
+from patchmap import pairs, predictions, provenance, synthetic
+from patchmap.ablation import ablation_values
 from patchmap.builtin import llama_config, word_tokenizer
 from patchmap.errors import UserError
 from patchmap.sites import Site
@@ -46,6 +47,8 @@ def test_model_loads_follow_the_readme_formula(finished_jobs):
     validated = cfg.validate(copy.deepcopy(JOBS))
     assert readme_model_loads(validated) == 1 + 2 + 2 * 2 + 2
     assert count_model_loads(finished_jobs) == readme_model_loads(validated)
+    for run in JOBS["runs"]:  # pairing needs the tokenizer only
+        assert "loaded model" not in (finished_jobs / "results" / run / "logs" / "pairs.log").read_text()
 
 
 def test_one_patch_file_per_shard_holds_every_site(finished_jobs):
@@ -91,27 +94,26 @@ def test_paper_config_plans_one_predictions_job_per_model_and_dataset_and_one_pa
 
 
 @pytest.mark.parametrize("intervention", ["swap", "noise", "knockout"])
-def test_all_sites_in_one_call_equal_one_site_at_a_time(tiny_model, world, intervention):
+def test_all_sites_in_one_call_equal_one_site_at_a_time(tiny_model, pairs_for, intervention):
     model, tokenizer = tiny_model
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("mlp", "MLP", "mlp", "subject_last")]
-    p = pairs.make_pairs(model, tokenizer, synthetic.facts(world), examples=6, seed=0, known_only=False,
-                         intervention=intervention)
-    acts = None if intervention == "knockout" else extract(model, tokenizer, p, sites)
-    together = patch(model, tokenizer, p, acts, sites)
+    p = pairs_for(model, tokenizer, examples=6, intervention=intervention)
+    acts = run_intervention(intervention).sources(p, lambda: extract(model, tokenizer, p, sites))
+    together = patch_job(model, tokenizer, p, acts, sites)
     for site in sites:
-        alone = patch(model, tokenizer, p, acts, [site])[site.name]
+        alone = patch_job(model, tokenizer, p, acts, [site])[site.name]
         np.testing.assert_allclose(together[site.name]["js"].values, alone["js"].values, atol=1e-6)
 
 
 @pytest.mark.parametrize("intervention", ["swap", "noise"])
-def test_pairs_from_shared_predictions_equal_the_in_memory_pairs(tiny_model, world, intervention):
+def test_pairs_from_shared_predictions_equal_the_in_memory_pairs(tiny_model, world, pairs_for, intervention):
     model, tokenizer = tiny_model
     facts = synthetic.facts(world)
-    predicted = pairs.predict_facts(model, tokenizer, facts, batch_size=8)
+    predicted = predictions.predict_facts(model, tokenizer, facts, batch_size=8)
     workflow = pairs.pairs_from_predictions(tokenizer, facts, predicted, 6, 0, known_only=False,
-                                            intervention=intervention)
-    in_memory = pairs.make_pairs(model, tokenizer, facts, 6, 0, known_only=False, intervention=intervention)
+                                            intervention=run_intervention(intervention))
+    in_memory = pairs_for(model, tokenizer, 6, 0, intervention)
     for name in ("target_ids", "source_ids", "target_top1", "source_top1", "target_answer"):
         np.testing.assert_array_equal(workflow[name].values, in_memory[name].values)
     np.testing.assert_allclose(workflow["target_p_answer"].values, in_memory["target_p_answer"].values, atol=1e-6)
@@ -119,7 +121,7 @@ def test_pairs_from_shared_predictions_equal_the_in_memory_pairs(tiny_model, wor
         assert workflow.attrs["noise_std"] == pytest.approx(in_memory.attrs["noise_std"], rel=1e-5)
 
 
-def test_the_api_predicts_only_the_facts_that_pairing_needs(tiny_model, world, monkeypatch):
+def test_the_api_predicts_only_the_facts_that_pairing_needs(tiny_model, world, pairs_for, monkeypatch):
     model, tokenizer = tiny_model
     facts = synthetic.facts(world)
     predicted = []
@@ -130,7 +132,7 @@ def test_the_api_predicts_only_the_facts_that_pairing_needs(tiny_model, world, m
         original(model, encoded, pad_id, batch_size)
 
     monkeypatch.setattr(pairs, "baseline_predictions", counting)
-    ds = pairs.make_pairs(model, tokenizer, facts, examples=3, seed=0, known_only=False)
+    ds = pairs_for(model, tokenizer, examples=3)
     assert sum(predicted) <= 6 < len(facts)  # the 3 targets and their sources only
     assert ds.attrs["count_not_predicted"] == len(facts) - sum(predicted)
     predicted.clear()
@@ -176,7 +178,6 @@ def test_a_replaced_local_checkpoint_redoes_the_results(tmp_path):
 
 def test_the_ablation_mean_spans_shards_with_different_numbers_of_slots():
     """Each shard's activations have as many slots as its longest position group: 2 in one, 3 in the other."""
-    site = Site("rel", "Rel.", "mlp", "relation")
     rng = np.random.default_rng(0)
 
     def shard(n, slots, used):
@@ -186,7 +187,7 @@ def test_the_ablation_mean_spans_shards_with_different_numbers_of_slots():
         return xr.Dataset({"act_rel": (("example", "layer", "slot_rel", "hidden"), act)}, coords={"layer": [0]})
 
     shards = [shard(2, 2, [2, 1]), shard(2, 3, [3, 1])]
-    values = activations.ablation_values(shards, [site], "mean")["act_rel"].values  # [layer, slot, hidden]
+    values = ablation_values(shards, "mean")["act_rel"].values  # [layer, slot, hidden]
     together = np.full((4, 1, 3, 4), np.nan)
     together[:2, :, :2], together[2:] = shards[0]["act_rel"].values, shards[1]["act_rel"].values
     np.testing.assert_allclose(values, np.nanmean(together, axis=0), rtol=1e-6)

@@ -1,5 +1,6 @@
 """The package's layout: imports run one way (no cycle between patchmap's modules, no private name taken
-from another module), and the Python tables of allowed values agree with config/schema.yaml."""
+from another module), no class grows past 200 lines, and the Python tables of allowed values agree with
+config/schema.yaml."""
 
 import ast
 import subprocess
@@ -77,6 +78,31 @@ def private_imports(found):
             if name.startswith("_") and not name.startswith("__") and source != module]
 
 
+MAX_CLASS_LINES = 200
+
+
+def long_classes(root=PACKAGE, limit=MAX_CLASS_LINES):
+    """(module, class, lines) of every class in the package longer than `limit` lines."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > limit:
+                out.append((module_name(path, root), node.name, node.end_lineno - node.lineno + 1))
+    return out
+
+
+def test_no_class_is_longer_than_200_lines():
+    assert long_classes() == []
+
+
+def test_the_class_check_finds_a_planted_long_class(tmp_path):
+    package = tmp_path / "patchmap"
+    package.mkdir()
+    methods = "".join(f"    def m{i}(self):\n        return {i}\n\n" for i in range(70))
+    (package / "long.py").write_text(f"class Long:\n{methods}\n\nclass Short:\n    pass\n")
+    assert long_classes(package) == [("patchmap.long", "Long", 210)]
+
+
 def test_no_import_cycle_between_patchmap_modules():
     found = imports()
     graph = {module: {source for source, _, _ in entries if source != module} for module, entries in found.items()}
@@ -114,10 +140,11 @@ def test_every_allowed_position_group_has_positions():
 
 
 def test_the_jobs_that_run_no_model_import_neither_torch_nor_transformers():
-    """model_identity, divergence and the plots are jobs of their own: each starts a fresh Python, and
-    importing torch and transformers costs seconds there (more than the job's own work)."""
+    """facts, the copy of the shipped weights, model_identity, ablation, divergence and the plots are jobs
+    of their own: each starts a fresh Python, and importing torch and transformers costs seconds there (more
+    than the job's own work)."""
     code = ("import sys\n"
-            "from patchmap import aggregate, checkpoints, plot, provenance, stages\n"
+            "from patchmap import ablation, aggregate, checkpoints, plot, provenance, runtime, shipped, stages\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

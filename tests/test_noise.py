@@ -3,25 +3,21 @@
 import numpy as np
 import pytest
 import torch
-from patch_runs import extract, patch
+from patch_runs import extract, patch_job, run_intervention
 from tolerances import LOGPROB_TOLERANCE
 
-from patchmap import synthetic
 from patchmap.engines.hooks import (capture, hooks, last_logprobs, noise_hooks, pad_batch, patched_logprobs,
                                     position_mask)
-from patchmap.interventions import INTERVENTIONS
 from patchmap.metrics import js_divergence
-from patchmap.pairs import make_pairs, token_lists
+from patchmap.encoding import token_lists
 from patchmap.sites import Site
 
-NOISE = INTERVENTIONS["noise"]
+NOISE = run_intervention("noise", noise_scale=3.0)
 
 
 @pytest.fixture(scope="module")
-def noise_pairs(tiny_model, world):
-    model, tokenizer = tiny_model
-    return make_pairs(model, tokenizer, synthetic.facts(world), examples=8, seed=0, known_only=False,
-                      intervention="noise", noise_scale=3.0)
+def noise_pairs(tiny_model, pairs_for):
+    return pairs_for(*tiny_model, examples=8, intervention="noise", noise_scale=3.0)
 
 
 def test_noise_pairs_are_clean_sources_of_themselves(noise_pairs):
@@ -65,7 +61,7 @@ def test_noise_through_the_stages(tiny_model, noise_pairs):
     model, tokenizer = tiny_model
     site = Site("all", "All", "resid", "all")
     acts = extract(model, tokenizer, noise_pairs, [site])
-    ds = patch(model, tokenizer, noise_pairs, acts, [site], engine="reference")["all"]
+    ds = patch_job(model, tokenizer, noise_pairs, acts, [site], engine="reference")["all"]
     # every position restored: the clean answer's probability is the clean run's, at every layer
     clean_p = noise_pairs["target_p_answer"].values[:, None]
     np.testing.assert_allclose(ds["p_target_answer"].values, np.broadcast_to(clean_p, ds["p_target_answer"].shape),

@@ -7,7 +7,7 @@ import yaml
 from patchmap import config as cfg
 from patchmap import synthetic
 from patchmap.errors import UserError
-from patchmap.pairs import make_pairs, token_lists
+from patchmap.encoding import token_lists
 from patchmap.schema import SCHEMA
 
 
@@ -24,9 +24,8 @@ def varied_world():
     return synthetic.make_world(seed=0, name_pool=8, subject_sets=6, orders=2, filler_variants=3)
 
 
-def test_default_pairs_differ_only_in_the_subject(tiny_model, world):
-    model, tokenizer = tiny_model
-    pairs = make_pairs(model, tokenizer, synthetic.facts(world), examples=20, seed=0, known_only=False)
+def test_default_pairs_differ_only_in_the_subject(tiny_model, pairs_for):
+    pairs = pairs_for(*tiny_model, examples=20)
     assert pairs.sizes["example"] == 20
     assert outside_the_subject(pairs, "target_ids") == outside_the_subject(pairs, "source_ids")
     assert (pairs["target_answer"] != pairs["source_answer"]).all()
@@ -34,19 +33,17 @@ def test_default_pairs_differ_only_in_the_subject(tiny_model, world):
     assert pairs.attrs["count_pairs_differing_outside_subject"] == 0
 
 
-def test_facts_without_such_a_partner_are_dropped_and_counted(tiny_model, varied_world):
-    model, tokenizer = tiny_model
+def test_facts_without_such_a_partner_are_dropped_and_counted(tiny_model, varied_world, pairs_for):
     facts = synthetic.facts(varied_world)
-    pairs = make_pairs(model, tokenizer, facts, examples=len(facts), seed=0, known_only=False)
+    pairs = pairs_for(*tiny_model, examples=len(facts), facts=facts)
     assert outside_the_subject(pairs, "target_ids") == outside_the_subject(pairs, "source_ids")
     assert pairs.attrs["count_dropped_no_partner"] > 0
     assert pairs.attrs["count_pairs"] + pairs.attrs["count_dropped_no_partner"] == len(facts)
 
 
-def test_the_relation_pairing_keeps_length_and_span_but_not_the_template(tiny_model, varied_world):
-    model, tokenizer = tiny_model
+def test_the_relation_pairing_keeps_length_and_span_but_not_the_template(tiny_model, varied_world, pairs_for):
     facts = synthetic.facts(varied_world)
-    pairs = make_pairs(model, tokenizer, facts, examples=len(facts), seed=0, known_only=False, pairing="relation")
+    pairs = pairs_for(*tiny_model, examples=len(facts), facts=facts, pairing="relation")
     targets, sources = outside_the_subject(pairs, "target_ids"), outside_the_subject(pairs, "source_ids")
     differing = sum(t != s for t, s in zip(targets, sources))
     assert differing > 0
@@ -59,11 +56,9 @@ def test_the_relation_pairing_keeps_length_and_span_but_not_the_template(tiny_mo
     assert [len(r) for r in token_lists(pairs, "target_ids")] == [len(r) for r in token_lists(pairs, "source_ids")]
 
 
-def test_an_unknown_pairing_is_a_user_error(tiny_model, world):
-    model, tokenizer = tiny_model
+def test_an_unknown_pairing_is_a_user_error(tiny_model, pairs_for):
     with pytest.raises(UserError, match="unknown pairing 'template'; available: subject, relation"):
-        make_pairs(model, tokenizer, synthetic.facts(world), examples=4, seed=0, known_only=False,
-                   pairing="template")
+        pairs_for(*tiny_model, examples=4, pairing="template")
 
 
 def test_the_config_defaults_to_subject_pairing_and_checks_the_value():

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from patchmap.builtin import word_tokenizer
-from patchmap.data import subject_token_span
+from patchmap.encoding import subject_token_span
 
 
 def span(tokenizer, prompt, subject):

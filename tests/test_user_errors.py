@@ -1,6 +1,7 @@
-"""Every mistake a user can make ends in one `patchmap:` line (issue 14), one test per class, each with
-several inputs of its kind: the Python API's arguments, model folders and hub ids, dataset files, config
-corners, and faults (a killed snakemake, a full disk, an unexpected exception in a job)."""
+"""Every mistake a user can make ends in one `patchmap:` line, never a traceback: one test per class, each
+with several inputs of its kind: config keys and values, dataset files and facts, model folders and hub
+ids, the Python API's arguments, and faults (a killed snakemake, a full disk, an unexpected exception in a
+job)."""
 
 import contextlib
 import copy
@@ -16,16 +17,204 @@ import time
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import yaml
+from patch_runs import extract, patch_job
 from transformers import GPT2Config, GPT2LMHeadModel
 from workflow_utils import REPO, snakemake, snakemake_command, write_config
 
 from patchmap import config as cfg
-from patchmap import data, models, stages, storage, synthetic
+from patchmap import models, runtime, storage, synthetic
 from patchmap.api import patch_heatmap
+from patchmap.encoding import encode_facts
 from patchmap.errors import UserError
-from patchmap.pairs import make_pairs
+from patchmap.facts import download, load_jsonl, read_facts, write_jsonl
+from patchmap.sites import Site
+
+# ---------------------------------------------------------------------------------------------------
+# Config keys and values, dataset rows, models: one line each, from the function that checks them
+
+BASE = {
+    "models": {"m": {"path": "some/model"}},
+    "datasets": {"d": {"path": "facts.jsonl"}},
+    "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
+              "last": {"label": "Last.", "component": "resid", "positions": "last"}},
+    "runs": {"r": {"model": "m", "dataset": "d", "sites": ["subj", "last"]}},
+}
+
+
+def check(config):
+    return cfg.validate(copy.deepcopy(config))
+
+
+def error_of(config):
+    with pytest.raises(UserError) as info:
+        check(config)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def with_change(path, value):
+    config = copy.deepcopy(BASE)
+    *parents, key = path
+    node = config
+    for p in parents:
+        node = node[p]
+    node[key] = value
+    return config
+
+
+def test_the_base_config_is_valid():
+    checked = check(BASE)
+    assert checked["runs"]["r"]["intervention"] == "swap" and checked["runs"]["r"]["layers"] == "all"
+
+
+# 1. malformed JSON / JSONL, with the line number
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    good = json.dumps({"subject": "A", "prompt": "A is in", "attribute": "B"})
+    path.write_text(good + "\n" + good + "\n{\"subject\": \"A\", \n")
+    with pytest.raises(UserError, match=r"facts.jsonl: line 3 is not valid JSON"):
+        read_facts(path)
+
+
+def test_malformed_json_list_names_the_line(tmp_path):
+    path = tmp_path / "known.json"
+    path.write_text('[\n {"subject": "A", "prompt": "A is", "attribute": "B"},\n {"subject": }\n]')
+    with pytest.raises(UserError, match=r"malformed JSON at line 3"):
+        read_facts(path)
+
+
+# 2. a subject that does not occur in its prompt: dropped (counted) or fatal, per config
+def test_subject_not_in_prompt(tiny_model):
+    _, tokenizer = tiny_model
+    facts = [{"id": "f1", "subject": "Abel Bran Cato", "relation": "city", "prompt": "Abel Bran Cato lives in the city of",
+              "attribute": "Paris"},
+             {"id": "f2", "subject": "Dara Eno", "relation": "city", "prompt": "Abel lives in the city of",
+              "attribute": "Paris"}]
+    encoded, dropped = encode_facts(tokenizer, facts, "drop")
+    assert [f["id"] for f in encoded] == ["f1"] and dropped == 1
+    with pytest.raises(UserError, match="fact f2: subject 'Dara Eno' does not occur in its prompt"):
+        encode_facts(tokenizer, facts, "error")
+
+
+# 3. an empty or missing attribute
+@pytest.mark.parametrize("row, field", [({"subject": "A", "prompt": "A is in"}, "attribute"),
+                                        ({"subject": "A", "prompt": "A is in", "attribute": " "}, "attribute"),
+                                        ({"subject": "", "prompt": "A is in", "attribute": "B"}, "subject")])
+def test_missing_or_empty_fields(tmp_path, row, field):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"subject": "A", "prompt": "A is in", "attribute": "B"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=f"line 2: field '{field}' is missing or empty"):
+        read_facts(path)
+
+
+# 4. unknown component or position group
+def test_unknown_component_and_position_group():
+    assert error_of(with_change(["sites", "subj", "component"], "residual")) == (
+        "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']")
+    assert "config error at sites.last.positions: 'final' is not one of ['subject', 'subject_first'" in \
+        error_of(with_change(["sites", "last", "positions"], "final"))
+
+
+# 5. a layer out of range for the model
+def test_layer_out_of_range():
+    with pytest.raises(UserError, match="runs.r.layers: layer 9 is out of range; the model has layers 0 to 2"):
+        cfg.resolve_layers([0, 9], 3, "runs.r.layers")
+    builtin = copy.deepcopy(BASE)
+    builtin["datasets"]["d"] = {"synthetic": {}}
+    builtin["models"]["m"] = {"builtin": {"dataset": "d", "layers": 4}}
+    builtin["runs"]["r"]["layers"] = [1, 4]
+    assert "runs.r.layers: layer 4 is out of range; model 'm' has layers 0 to 3" in error_of(builtin)
+
+
+# 8. device cuda on a machine without a GPU
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tiny_model_dir):
+    with pytest.raises(UserError, match="device 'cuda' was asked for but no CUDA GPU is available"):
+        models.load(str(tiny_model_dir), device="cuda")
+
+
+# 9. any schema violation names the key path and what is allowed
+@pytest.mark.parametrize("path, value, expected", [
+    (["runs", "r", "examples"], 0, "config error at runs.r.examples: 0 is less than the minimum of 1"),
+    (["runs", "r", "dtype"], "fp8", "config error at runs.r.dtype: 'fp8' is not one of ['float32', 'bfloat16', 'float16']"),
+    (["runs", "r", "device"], "gpu", "config error at runs.r.device: 'gpu' does not match"),
+    (["runs", "r", "model"], "other", "config error at runs.r.model: 'other' is not defined; defined models: m"),
+    (["models", "m"], {"path": "x", "builtin": {"dataset": "d"}}, "config error at models.m: give exactly one of 'builtin' or 'path'"),
+    (["runs", "r", "batchsize"], 3, "config error at runs.r: Additional properties are not allowed ('batchsize' was unexpected)"),
+])
+def test_schema_violations(path, value, expected):
+    assert error_of(with_change(path, value)).startswith(expected)
+
+
+def test_path_breaking_run_name_is_rejected():
+    config = copy.deepcopy(BASE)
+    config["runs"]["../escape"] = config["runs"].pop("r")
+    assert error_of(config).startswith("config error at runs: '../escape' does not match")
+
+
+# 10. two sites with the same label
+def test_duplicate_site_labels():
+    assert error_of(with_change(["sites", "last", "label"], "Subj.")) == (
+        "config error at sites.last: label 'Subj.' is already used by site 'subj'; labels name figure rows "
+        "and must be unique")
+
+
+# 10b. a knockout that would block every key of the last token
+def test_knockout_of_every_position_is_rejected():
+    config = with_change(["sites", "last", "positions"], "all")
+    config["runs"]["r"]["intervention"] = "knockout"
+    assert error_of(config).startswith("config error at runs.r.sites: knockout at site 'last' (positions 'all') "
+                                       "would block every token the last one attends to")
+    config["runs"]["r"]["intervention"] = "swap"
+    check(config)
+
+
+# 11. a dataset that is empty after filtering or pairing
+def test_nothing_left_after_filtering(tiny_model, world, pairs_for):
+    facts = synthetic.facts(world)
+    with pytest.raises(UserError, match="no pairs left after filtering and pairing"):
+        pairs_for(*tiny_model, examples=5, known_only=True)  # a random model knows nothing
+    with pytest.raises(UserError, match="'dropped_no_partner': 1"):
+        pairs_for(*tiny_model, examples=5, facts=[facts[0]])
+
+
+# 12. a tokenizer without offset mappings (slow)
+def test_slow_tokenizer_is_refused(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, ByT5Tokenizer
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)  # a pure-Python tokenizer: no offset mappings
+    with pytest.raises(UserError, match="is a slow tokenizer without offset mappings"):
+        models.load(str(tmp_path))
+
+
+def test_pickled_weights_need_permission(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(UserError, match="has no safetensors weights; set allow_pickle: true"):
+        models.load(str(tmp_path))
+    loaded, _ = models.load(str(tmp_path), allow_pickle=True)
+    assert models.n_layers(loaded) == models.n_layers(model)
+
+
+def test_non_finite_logits_name_site_and_layer(tiny_model, pairs_for):
+    model, tokenizer = tiny_model
+    pairs = pairs_for(model, tokenizer, examples=4)
+    site = Site("subj", "Subj.", "resid", "subject")
+    acts = extract(model, tokenizer, pairs, [site])
+    values = acts["act_subj"].values.copy()
+    values[:, 1] = np.inf  # as a float16 overflow would leave them
+    acts["act_subj"] = (acts["act_subj"].dims, values)
+    with pytest.raises(UserError, match=r"non-finite logits \(NaN or inf\) at site Subj\. \(resid@subject\), layer 1"):
+        patch_job(model, tokenizer, pairs, acts, [site], engine="reference")
+
 
 GOOD_FACT = {"subject": "Abel Bran", "prompt": "Abel Bran lives in the city of", "attribute": "Paris"}
 
@@ -266,16 +455,16 @@ def test_bad_dataset_file_is_named(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(UserError) as error:
-        data.read_facts(path)
+        read_facts(path)
     assert one_line(error).startswith(str(path)) and expected in one_line(error)
 
 
 def test_dataset_byte_order_mark_is_read_and_a_folder_refused(tmp_path):
     for name, text in (("bom.jsonl", json.dumps(GOOD_FACT)), ("bom.json", json.dumps([GOOD_FACT]))):
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
-        assert data.read_facts(tmp_path / name)[0]["subject"] == "Abel Bran"
+        assert read_facts(tmp_path / name)[0]["subject"] == "Abel Bran"
     with pytest.raises(UserError, match="dataset path '.*' is a folder"):
-        data.read_facts(tmp_path)
+        read_facts(tmp_path)
 
 
 def test_sha256_mismatch_names_the_url_and_the_dataset(tmp_path):
@@ -283,7 +472,7 @@ def test_sha256_mismatch_names_the_url_and_the_dataset(tmp_path):
     source.write_text(json.dumps([GOOD_FACT]))
     out = tmp_path / "results" / "datasets" / "known.json"
     with pytest.raises(UserError) as error:
-        data.download(source.as_uri(), out, "0" * 64, f"dataset 'known' ({source.as_uri()})")
+        download(source.as_uri(), out, "0" * 64, f"dataset 'known' ({source.as_uri()})")
     assert one_line(error).startswith(f"dataset 'known' ({source.as_uri()}): sha256 is ")
     assert ".tmp" not in one_line(error)
     assert not out.exists() and not list(out.parent.iterdir())
@@ -321,15 +510,15 @@ def test_bad_dataset_in_the_workflow(tmp_path, dataset, content, expected):
     assert trusted_results(tmp_path) == []
 
 
-def test_prompts_longer_than_the_positions_are_dropped_and_counted(tiny_model, world):
+def test_prompts_longer_than_the_positions_are_dropped_and_counted(tiny_model, world, pairs_for):
     _, tokenizer = tiny_model
-    facts = synthetic.facts(world)
-    lengths = [len(tokenizer(f["prompt"])["input_ids"]) for f in facts]
+    rows = synthetic.facts(world)
+    lengths = [len(tokenizer(f["prompt"])["input_ids"]) for f in rows]
     limit = sorted(lengths)[len(lengths) // 2]
     assert min(lengths) <= limit < max(lengths)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=limit, n_embd=16, n_layer=1,
                                       n_head=2)).eval()
-    pairs = make_pairs(gpt2, tokenizer, facts, examples=4, seed=0, known_only=False)
+    pairs = pairs_for(gpt2, tokenizer, examples=4)
     assert pairs.attrs["count_dropped_too_long"] == sum(n > limit for n in lengths) > 0
     assert int(pairs["length"].max()) <= limit
 
@@ -438,7 +627,7 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", real_usage)  # plenty of space: only the errno tells
     monkeypatch.setattr(json, "dumps", no_space)
     with pytest.raises(UserError, match="the disk is full: no space left to write .*facts.jsonl"):
-        data.write_jsonl([GOOD_FACT], tmp_path / "results" / "r" / "facts.jsonl")
+        write_jsonl([GOOD_FACT], tmp_path / "results" / "r" / "facts.jsonl")
     with pytest.raises(UserError, match="the disk is full"):
         with storage.atomic_directory(tmp_path / "results" / "models" / "m"):
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
@@ -465,7 +654,7 @@ def test_a_really_full_disk_is_named(tmp_path):
         with pytest.raises(UserError, match="the disk is full: no space left to write"):
             storage.write_netcdf(xr.Dataset({"x": (("a",), np.zeros(100_000))}), disk / "r" / "pairs.nc")
         with pytest.raises(UserError, match="the disk is full: no space left to write"):
-            data.write_jsonl([GOOD_FACT] * 2000, disk / "r" / "facts.jsonl")
+            write_jsonl([GOOD_FACT] * 2000, disk / "r" / "facts.jsonl")
         assert not [p for p in disk.rglob("*") if p.is_file()]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
@@ -474,7 +663,7 @@ def test_a_really_full_disk_is_named(tmp_path):
 def test_unexpected_error_goes_into_the_log(tmp_path, capsys):
     log_path = tmp_path / "logs" / "facts.log"
     with pytest.raises(SystemExit) as exit_status:
-        with stages.reported_errors(log_path):
+        with runtime.reported_errors(log_path):
             {}["missing"]
     assert exit_status.value.code == 1
     log_text = log_path.read_text()
@@ -483,7 +672,7 @@ def test_unexpected_error_goes_into_the_log(tmp_path, capsys):
     assert "Traceback" not in terminal
     assert f"the job failed with an unexpected error, KeyError: 'missing'; the traceback is in {log_path}" in terminal
     with pytest.raises(SystemExit):
-        with stages.reported_errors(log_path):
+        with runtime.reported_errors(log_path):
             raise UserError("a clear line")
     assert log_path.read_text().count("patchmap: a clear line") == 1
 
@@ -494,10 +683,10 @@ def test_unexpected_error_in_a_job_is_in_its_log(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import patchmap.data\n"
+        "import patchmap.facts\n"
         "def read_facts(path):\n"
         "    raise ZeroDivisionError('a bug in read_facts')\n"
-        "patchmap.data.read_facts = read_facts\n")
+        "patchmap.facts.read_facts = read_facts\n")
     (tmp_path / "facts.jsonl").write_text(json.dumps(GOOD_FACT) + "\n")
     write_config(tmp_path, PATH_RUN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -536,4 +725,4 @@ def test_after_kill_9_the_rerun_says_unlock_and_then_runs(tmp_path):
     assert snakemake(tmp_path, "--unlock").returncode == 0
     resumed = snakemake(tmp_path, "results/datasets/d/facts.jsonl")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert data.load_jsonl(tmp_path / "results" / "datasets" / "d" / "facts.jsonl")[0]["subject"] == "Abel Bran"
+    assert load_jsonl(tmp_path / "results" / "datasets" / "d" / "facts.jsonl")[0]["subject"] == "Abel Bran"

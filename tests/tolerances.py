@@ -45,7 +45,7 @@ def assert_metric_close(metric, got, expected, where=""):
 
 
 def assert_datasets_close(reference, got):
-    """Per-site datasets of metrics [example, layer] (patchmap.patching.patch's result) agree metric by metric."""
+    """Per-site datasets of metrics [example, layer] (patchmap.patching.run_patch_job's result) agree metric by metric."""
     for name, ref in reference.items():
         for metric in TOLERANCES:
             assert got[name][metric].dtype == ref[metric].dtype, (name, metric)

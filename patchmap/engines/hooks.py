@@ -14,8 +14,9 @@ from ..metrics import ROWS
 from ..models import component_module
 
 
-def pad_batch(sequences, pad_id, device):
-    """Right-padded input ids, attention mask, position ids and lengths for a list of id lists."""
+def pad_batch(sequences: list, pad_id: int, device) -> tuple:
+    """Right-padded input ids [B, T], attention mask [B, T], position ids [B, T] and lengths [B] for a list
+    of token id lists."""
     lengths = torch.tensor([len(s) for s in sequences])
     width = int(lengths.max())
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -26,7 +27,7 @@ def pad_batch(sequences, pad_id, device):
     return ids.to(device), mask.to(device), positions.to(device), lengths.to(device)
 
 
-def position_mask(position_lists, width, device):
+def position_mask(position_lists: list, width: int, device) -> torch.Tensor:
     """[B, width] boolean: true at each example's positions."""
     mask = torch.zeros(len(position_lists), width, dtype=torch.bool)
     for i, ps in enumerate(position_lists):
@@ -57,13 +58,17 @@ def hooks(pairs):
             h.remove()
 
 
-def replace_hook(mask, values):
-    """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output. An output flattened
-    to [B * T, H] (OPT's fc2) is patched in the same places and keeps its shape."""
+def replace_hook(mask, values, combine=None):
+    """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output; with `combine`,
+    combine(output, values) there instead. An output flattened to [B * T, H] (OPT's fc2) is patched in the
+    same places and keeps its shape."""
     def hook(module, args, output):
         hidden = output_tensor(output)
         shaped = hidden.view(*mask.shape, hidden.shape[-1])
-        patched = torch.where(mask.to(hidden.device)[..., None], values.to(hidden.device, hidden.dtype), shaped)
+        new = values.to(hidden.device, hidden.dtype)
+        if combine is not None:
+            new = combine(shaped, new)
+        patched = torch.where(mask.to(hidden.device)[..., None], new, shaped)
         return with_tensor(output, patched.view(hidden.shape))
     return hook
 
@@ -114,7 +119,7 @@ def capture_hook(store, key):
     return hook
 
 
-def check_finite(logits, where):
+def check_finite(logits: torch.Tensor, where) -> None:
     """Stop with a patchmap error if a row of `logits` [R, V] holds NaN or inf. `where` names the run: a
     string, or a function of the first bad row's index that returns one."""
     if not len(logits):
@@ -126,8 +131,10 @@ def check_finite(logits, where):
 
 
 @torch.no_grad()
-def last_logprobs(model, ids, mask, positions, lengths, where=""):
-    """float32 log-softmax of the next-token logits at each prompt's last position."""
+def last_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                  where: str = "") -> torch.Tensor:
+    """[B, V] float32 log-softmax of the next-token logits at each prompt's last position (ids, mask,
+    positions [B, T], lengths [B])."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     last = logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1].float()
     check_finite(last, where)
@@ -135,7 +142,8 @@ def last_logprobs(model, ids, mask, positions, lengths, where=""):
 
 
 @torch.no_grad()
-def capture(model, ids, mask, positions, lengths, components, layers):
+def capture(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+            components: list, layers: list) -> tuple:
     """Activations {(component, layer): [B, T, H]} of an unpatched forward, plus its last log-probs."""
     store = {}
     pairs = [(component_module(model, c, l), capture_hook(store, (c, l))) for c in components for l in layers]
@@ -145,7 +153,9 @@ def capture(model, ids, mask, positions, lengths, components, layers):
 
 
 @torch.no_grad()
-def patched_logprobs(model, component, layer, ids, mask, positions, lengths, patch_mask, values, where=""):
-    """Last-position log-probs of the target with `values` written into `component` at `layer`."""
+def patched_logprobs(model, component: str, layer: int, ids, mask, positions, lengths, patch_mask: torch.Tensor,
+                     values: torch.Tensor, where: str = "") -> torch.Tensor:
+    """[B, V] last-position log-probs of the target with `values` [B, T, H] written into `component` at
+    `layer` where `patch_mask` [B, T] is true."""
     with hooks([(component_module(model, component, layer), replace_hook(patch_mask, values))]):
         return last_logprobs(model, ids, mask, positions, lengths, where)

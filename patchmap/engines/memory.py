@@ -10,7 +10,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
-def is_out_of_memory(error):
+def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA and CPU allocation failures (torch.OutOfMemoryError or the allocators' messages)."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
@@ -19,7 +19,7 @@ def is_out_of_memory(error):
                                                 or "DefaultCPUAllocator: can't allocate" in message)
 
 
-def halve_range(item):
+def halve_range(item: tuple):
     """(a, b) as its two halves, or None for a single example."""
     a, b = item
     if b - a == 1:

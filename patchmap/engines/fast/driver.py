@@ -1,6 +1,6 @@
 """The fast engine's driver: a PatchJob batch by batch (one clean run per batch, shared by every site),
-site by site (the runs of each site's schedule through FastEngine's block calls), then one output-embedding
-pass over every run of the batch for the logits and metrics."""
+site by site (the runs of each site's schedule through the block calls), then one output-embedding pass
+over every run of the batch for the logits and metrics."""
 
 import logging
 from dataclasses import dataclass
@@ -9,16 +9,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...encoding import token_lists
 from ...errors import UserError
-from ...job import touched_layers, window_layers
+from ...job import PatchJob, touched_layers, window_layers
 from ...metrics import ROWS, patch_metrics
 from ...quantities import METRICS
-from ...pairs import token_lists
 from ...sites import site_positions
 from ..hooks import check_finite
 from ..memory import halve_range, halving_on_out_of_memory
-from . import schedule
+from . import runs, schedule
 from .blocks import FastEngine
+from .clean import CleanRun
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,28 @@ class Batch:
     """Examples a..b of a job, with their clean run: what the runs of every site on them share."""
     a: int
     b: int
-    clean: object        # the CleanRun of the batch
+    clean: CleanRun
     lengths: list        # [B] prompt lengths
     answers: list        # [target answers [B], source answers [B]], on the output device
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
 
 
+@dataclass
+class PatchedRuns:
+    """The last-position hidden states of some runs of one site on a clean batch."""
+    site_number: int      # index into the job's sites
+    rows: torch.Tensor    # [R] clean-batch row (example) of each run
+    layer_ids: torch.Tensor  # [R] index into the job's layers of each run
+    hidden: torch.Tensor  # [R, H]
+
+
 @torch.no_grad()
-def patch(job, engine=None, **options):
-    """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job` (the source
-    patched into every layer of window_layers(layer, window)), from one clean run per batch of examples
-    shared by every site. `engine` reuses a FastEngine (its stats then count this job too); else one is
-    made with `options` (max_tokens, fail_above, spans)."""
+def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
+    """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job` (each run
+    edits every layer of window_layers(layer, window), as the intervention's strategy says), from one clean
+    run per batch of examples shared by every site. `engine` reuses a FastEngine (its stats then count this
+    job too); else one is made with `options` (max_tokens, fail_above, spans)."""
+    # 1. what every batch needs: prompts, the sites' positions, answers, where runs may share the source's prefix
     engine = engine or FastEngine(job.model, **options)
     pairs, n = job.pairs, job.n_examples
     targets = token_lists(pairs, "target_ids")
@@ -61,32 +72,35 @@ def patch(job, engine=None, **options):
         noise = job.intervention.target_noise(pairs, a, b, max(lengths[a:b]), job.model.config.hidden_size)
         return engine.clean_run(targets[a:b], job.pad_id, noise)
 
+    # 2. batch by batch: the clean run (halved if it runs out of memory) ...
     for (a, b), clean in halving_on_out_of_memory(
             job.batches(), clean_run, halve_range, lambda ab: f"in the clean run of examples {ab[0]}-{ab[1] - 1}",
             on_retry=lambda ab: engine.shrink_budget(sum(lengths[ab[0]:ab[1]]))):
-        use_prefix = len(clean.kv) == engine.n_layers
+        use_prefix = len(clean.keys_values) == engine.n_layers
         if not use_prefix and "prefix" not in engine.warned:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
         batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix)
-        finals = []
+        # 3. ... the patched runs of every site ...
+        patched = []
         for number, site in enumerate(job.sites):
             here = positions[site.name][a:b]
             spans = schedule.spans(site, here, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else same_until[a:b], use_prefix and engine.spans)
-            finals += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
+            patched += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
             unpatched(batch, here, job.js_base, results[site.name])
-        score(engine, job, batch, finals, results)
+        # 4. ... and the logits and metrics of all of them
+        score(engine, job, batch, patched, results)
         bar.update(b - a)
     bar.close()
     return {site.name: job.site_result(site, results[site.name]) for site in job.sites}
 
 
-def extracted_layers(job, n_layers):
+def extracted_layers(job: PatchJob, n_layers: int) -> set:
     """The layers job.sources holds source activations at; a patchmap error if a window needs another.
     None of them for an intervention that writes no sources."""
-    if not job.intervention.writes_sources:
+    if job.sources is None:
         return set()
     available = {int(layer) for layer in job.sources["layer"].values}
     missing = sorted(set(touched_layers(job.layers, job.window, n_layers)) - available)
@@ -96,7 +110,7 @@ def extracted_layers(job, n_layers):
     return available
 
 
-def unpatched(batch, positions, base, out):
+def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
     """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
     clean, answers, a = batch.clean, batch.answers, batch.a
     for e, ps in enumerate(positions):
@@ -107,93 +121,69 @@ def unpatched(batch, positions, base, out):
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
 
-class Sources:
-    """The source activations of one site for the examples a..b of a clean batch, by model layer."""
-
-    def __init__(self, acts, site, a, b, engine):
-        self.values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
-            engine.device, engine.dtype)                                     # [B, layer, slot, H]
-        self.index = {int(layer): i for i, layer in enumerate(acts["layer"].values)}
-
-    def __call__(self, rows, slots, layer):
-        """[len(rows), H]: clean-batch row rows[i], slot slots[i], at model layer `layer`."""
-        return self.values[rows, self.index[layer], slots]
-
-    def span(self, rows, width, layer):
-        """[len(rows), width, H]: the first `width` slots of each row at model layer `layer`."""
-        return self.values[rows, self.index[layer], :width]
-
-
-def site_runs(engine, job, batch, site_number, positions, spans, first):
-    """The last-position hidden states of every (example, layer) run of site `site_number` on one clean
-    batch: a list of (site number, clean-batch rows, layer ids, hidden [R, H]). `positions`: the site's in
-    each example; `spans`: the span path's (schedule.spans); `first`: the first layer any window patches.
-    An intervention that writes no sources (knockout) blocks the last position's attention to the site's
-    positions instead."""
+def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int, positions: list, spans: list,
+              first: int) -> list:
+    """The PatchedRuns of every (example, layer) run of site `site_number` on one clean batch. `positions`:
+    the site's in each example; `spans`: the span path's (schedule.spans); `first`: the first layer any
+    window patches."""
     site, clean, lengths = job.sites[site_number], batch.clean, batch.lengths
-    sources = Sources(job.sources, site, batch.a, batch.b, engine) if job.intervention.writes_sources else None
-    site_mask = None
-    if sources is None:
-        site_mask = torch.zeros(len(positions), int(max(lengths)), dtype=torch.bool)
-        for e, ps in enumerate(positions):
-            site_mask[e, ps] = True
-        site_mask = site_mask.to(engine.device)
-    kv = clean.kv.get
+    edit = job.intervention.strategy.fast_runs(engine, job.sources, site, batch, positions)
+    keys_values_of = clean.keys_values.get
     if spans is not None and any(s is not None for s in spans):
-        span_kv = engine.span_kv(clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None},
-                                 sources, first + 1)
-        kv = span_kv.get
-    chunks = schedule.groups(positions, lengths, batch.use_prefix, spans, list(range(len(job.layers))), engine.max_tokens,
-                             engine.device, site_mask is not None)
+        span_keys_values = engine.span_keys_values(
+            clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None}, edit.sources, first + 1)
+        keys_values_of = span_keys_values.get
+    chunks = schedule.groups(positions, lengths, batch.use_prefix, spans, list(range(len(job.layers))),
+                             engine.max_tokens, engine.device, edit)
 
     def run(chunk):
-        group, lis = chunk
-        return engine.run_group(clean, site.component, group, lis, job.layers, sources, kv, job.window, site_mask)
+        group, layer_ids = chunk
+        return runs.run_group(engine, clean, group, layer_ids, job.layers, edit, keys_values_of, job.window)
 
-    def runs_in(chunk):
-        group, lis = chunk
-        return len(group.examples) * len(lis) * group.width
+    def tokens_in(chunk):
+        group, layer_ids = chunk
+        return len(group.examples) * len(layer_ids) * group.width
 
-    finals = []
+    out = []
     for (group, _), (hidden, order) in halving_on_out_of_memory(
             chunks, run, lambda chunk: schedule.split(chunk, positions, engine.device),
             lambda chunk: f"patching {len(chunk[0].examples) * len(chunk[1])} runs at site {site.label}",
-            on_retry=lambda chunk: engine.shrink_budget(runs_in(chunk))):
+            on_retry=lambda chunk: engine.shrink_budget(tokens_in(chunk))):
         rows = group.examples.repeat(len(order))
         layer_ids = torch.as_tensor(order, device=engine.device).repeat_interleave(len(group.examples))
-        finals.append((site_number, rows, layer_ids, hidden))
-    return finals
+        out.append(PatchedRuns(site_number, rows, layer_ids, hidden))
+    return out
 
 
-def score(engine, job, batch, finals, results):
-    """Logits, their non-finite check and the metrics of every patched run of a clean batch, in chunks of
-    rows (one output-embedding call for many sites and layers)."""
-    if not finals:
+def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
+    """Logits, their non-finite check and the metrics of every PatchedRuns of a clean batch, in chunks of
+    rows (one output-embedding call for many sites and layers), into `results` {site: {metric: [example,
+    layer]}}."""
+    if not patched:
         return
     clean, answers, a = batch.clean, batch.answers, batch.a
-    site_of = torch.cat([torch.full((len(f[1]),), f[0], dtype=torch.long) for f in finals])
-    rows = torch.cat([f[1] for f in finals])
-    layer_ids = torch.cat([f[2] for f in finals])
-    hidden = torch.cat([f[3] for f in finals])
+    site_of = torch.cat([torch.full((len(p.rows),), p.site_number, dtype=torch.long) for p in patched])
+    rows = torch.cat([p.rows for p in patched])
+    layer_ids = torch.cat([p.layer_ids for p in patched])
+    hidden = torch.cat([p.hidden for p in patched])
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
-        patched = engine.head(hidden[part])
-        engine.stats["head_rows"] += patched.shape[0]
+        logprobs = engine.head(hidden[part])  # [step, V]
+        engine.stats["head_rows"] += logprobs.shape[0]
 
         def where(bad, c=c):
             site = job.sites[int(site_of[c + bad])]
             return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[c + bad])]}"
-        check_finite(patched, where)
-        for r in range(0, len(patched), ROWS):  # in place, in cache-sized pieces
-            patched[r:r + ROWS] = torch.log_softmax(patched[r:r + ROWS], dim=-1)
-        r = rows[part]
-        here = r.to(patched.device)
+        check_finite(logprobs, where)
+        for r in range(0, len(logprobs), ROWS):  # in place, in cache-sized pieces
+            logprobs[r:r + ROWS] = torch.log_softmax(logprobs[r:r + ROWS], dim=-1)
+        here = rows[part].to(logprobs.device)
         metrics = {k: v.cpu().numpy() for k, v in
-                   patch_metrics(patched, clean.target[here], answers[0][here], answers[1][here], job.js_base).items()}
+                   patch_metrics(logprobs, clean.target[here], answers[0][here], answers[1][here], job.js_base).items()}
         sites_here = site_of[part].numpy()
-        ex_index, li_index = a + r.cpu().numpy(), layer_ids[part].cpu().numpy()
+        ex_index, li_index = a + rows[part].cpu().numpy(), layer_ids[part].cpu().numpy()
         for number in np.unique(sites_here):
             mine = sites_here == number
             for k, v in metrics.items():

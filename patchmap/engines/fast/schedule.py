@@ -56,7 +56,7 @@ class Group:
     index: RowIndex           # clean-batch rows, first computed position of each, positions computed per run
     writes: tuple             # (example row, position - start, slot) of each source activation written
     span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
-    knockout: bool = False    # knockout runs: the last position only, nothing written
+    writes_sources: bool = True  # whether the runs write source activations (else: attention blocked)
 
     @property
     def examples(self):
@@ -71,26 +71,28 @@ class Group:
         return self.index.width
 
 
-def groups(positions, lengths, use_prefix, spans, layer_ids, max_tokens, device, knockout=False):
+def groups(positions: list, lengths: list, use_prefix: bool, spans, layer_ids: list, max_tokens: int, device,
+           edit) -> list:
     """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
-    many positions each run computes (length - first computed position; for knockout only the last
-    position changes) and by whether the span path applies, then split to the token budget `max_tokens`
-    (runs x suffix positions per block call)."""
+    many positions each run computes (length - the first position the `edit` changes, a WriteRuns or
+    BlockRuns) and by whether the span path applies, then split to the token budget `max_tokens` (runs x
+    suffix positions per block call)."""
     by_key = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
-            first = int(lengths[e]) - 1 if knockout else min(ps)
+            first = edit.first_position(ps, int(lengths[e]))
             start = span if span is not None else (first if use_prefix else 0)
             by_key[(int(lengths[e]) - start, span is not None)].append((e, start))
     out = []
     for (width, span), members in sorted(by_key.items()):
         for picked, lis in chunks(max_tokens, len(members), layer_ids, width):
-            out.append((group([members[i] for i in picked], positions, width, span, device, knockout), lis))
+            out.append((group([members[i] for i in picked], positions, width, span, device, edit.writes_sources),
+                        lis))
     return out
 
 
-def chunks(max_tokens, n_examples, layer_ids, width):
+def chunks(max_tokens: int, n_examples: int, layer_ids: list, width: int) -> list:
     """Split (examples, layers) so that runs x suffix width stays within the token budget."""
     runs = max(1, max_tokens // max(width, 1))
     if runs >= len(layer_ids):
@@ -101,10 +103,10 @@ def chunks(max_tokens, n_examples, layer_ids, width):
             for a in range(0, len(layer_ids), runs)]
 
 
-def group(members, positions, width, span, device, knockout=False):
+def group(members: list, positions: list, width: int, span: bool, device, writes_sources: bool = True) -> "Group":
     """The Group of `members` (example, first computed position), with the source writes of each."""
     writes = ([], [], [])
-    if not span and not knockout:
+    if not span and writes_sources:
         for r, (e, start) in enumerate(members):
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
@@ -112,16 +114,17 @@ def group(members, positions, width, span, device, knockout=False):
     examples = torch.as_tensor([e for e, _ in members], device=device)
     starts = torch.as_tensor([s for _, s in members], device=device)
     return Group(RowIndex(examples, starts, width, max(s for _, s in members)),
-                 tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span, knockout)
+                 tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
+                 writes_sources)
 
 
-def split(chunk, positions, device):
+def split(chunk: tuple, positions: list, device):
     """A chunk that ran out of memory, halved: by examples if it has more than one, else by layers."""
     runs, lis = chunk
     members = list(zip(runs.examples.tolist(), runs.starts.tolist()))
     if len(members) > 1:
         half = len(members) // 2
-        return [(group(part, positions, runs.width, runs.span, device, runs.knockout), lis)
+        return [(group(part, positions, runs.width, runs.span, device, runs.writes_sources), lis)
                 for part in (members[:half], members[half:])]
     if len(lis) > 1:
         half = len(lis) // 2
@@ -129,7 +132,8 @@ def split(chunk, positions, device):
     return None
 
 
-def spans(site, positions, lengths, first, available, n_layers, same_until, use_prefix):
+def spans(site, positions: list, lengths: list, first: int, available: set, n_layers: int, same_until,
+          use_prefix: bool):
     """For each example, the end of its patched span if the span path applies: a resid site whose
     positions are one run [start, stop) before the last token, where target and source run the same up to
     `start` (`same_until[e]`: the first position at which they may differ, by token or by noise), with

@@ -1,8 +1,8 @@
-"""Facts: reading datasets, and locating subject tokens from the tokenizer's character offsets."""
+"""Facts: dataset files read and checked (ROME's known_1000 JSON list, or JSON Lines), downloaded, and
+written in the project's own form (results/datasets/{dataset}/facts.jsonl)."""
 
 import hashlib
 import json
-import re
 import shutil
 import urllib.error
 import urllib.request
@@ -160,25 +160,3 @@ def write_jsonl(rows, path):
 def load_jsonl(path):
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def subject_char_span(prompt, subject, offsets):
-    """Characters of the subject in the prompt: the first occurrence that starts and ends on token
-    boundaries (so 'Paris' is not found inside 'Parisian'), else the first occurrence at all."""
-    starts = {a for a, b in offsets if b > a}
-    ends = {b for a, b in offsets if b > a}
-    matches = [m.span() for m in re.finditer(re.escape(subject), prompt)]
-    if not matches:
-        return None
-    aligned = [(a, b) for a, b in matches if a in starts and b in ends]
-    return (aligned or matches)[0]
-
-
-def subject_token_span(prompt, subject, offsets):
-    """[start, end) token indices of the subject, from character offsets; None if absent."""
-    chars = subject_char_span(prompt, subject, offsets)
-    if chars is None:
-        return None
-    a, b = chars
-    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-    return (inside[0], inside[-1] + 1) if inside else None

@@ -1,8 +1,8 @@
-"""FLOPs of a patching job (multiply-add = 2 FLOPs), for the benchmarks: what the reference engine's full
-forwards compute, what the fast engine's schedule computed (from its counters), and the floor: the least
-work any exact engine must do for the benchmarks' job."""
+"""FLOPs of a patching job (multiply-add = 2 FLOPs): what the reference engine's full forwards compute, what
+the fast engine's schedule computed (from its counters, FastEngine.stats), and the exact-work floor: the
+least work any exact engine must do for the job. The benchmarks report their engines' FLOP rates with it."""
 
-from patchmap import models
+from .. import models
 
 
 def _matrix_parameters(module):

@@ -1,0 +1,113 @@
+"""The clean run: the unpatched target of one batch of examples, through the model's own forward, with
+hooks that record each decoder block's input and call arguments and a cache that records each layer's
+keys and values. The patched runs start from what it records."""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import send_to_device
+from transformers import DynamicCache
+
+from ...errors import UserError
+from ..hooks import add_hook, check_finite, output_tensor, pad_batch
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _RecordingCache(DynamicCache):
+    """Given to the clean run: records each layer's keys and values as the attention hands them to the
+    cache (after rotary embeddings), stores nothing, so the run behaves exactly like a first forward."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.recorded = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+def positional_names(module) -> list:
+    """The names of a module's positional parameters, in order (the first is a block's hidden state)."""
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+@dataclass
+class CleanRun:
+    """The unpatched target run of one batch of examples."""
+    lengths: torch.Tensor        # [B]
+    inputs: list                 # block l's input hidden state, [B, T, H]
+    last_output: torch.Tensor    # the last block's output, [B, T, H]
+    arguments: list              # block l's call arguments other than the hidden state
+    hidden_names: list           # the name of block l's hidden-state argument
+    keys_values: dict            # layer -> (keys, values) [B, kv_heads, T, head_dim]
+    target: torch.Tensor         # [B, V] float32 log-probs at the last position
+
+    def block_output(self, layer: int) -> torch.Tensor:
+        """Block `layer`'s output [B, T, H]: the next block's input, or the last block's output."""
+        return self.inputs[layer + 1] if layer + 1 < len(self.inputs) else self.last_output
+
+
+@torch.no_grad()
+def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanRun:
+    """The clean run of `sequences` (token id lists) on a FastEngine's model, with `noise` [B, T, H], if
+    given, added to its input embeddings."""
+    # 1. the padded batch (a test may make a forward of this many tokens run out of memory)
+    ids, mask, positions, lengths = pad_batch(sequences, pad_id, engine.device)
+    engine.inject(ids.numel())
+    # 2. hooks that record each block's input and arguments (on the block's device), and the last output
+    arguments, inputs, last = [None] * engine.n_layers, [None] * engine.n_layers, {}
+
+    def record_input(layer):
+        def hook(module, args, kwargs):
+            call = dict(zip(engine.positional_names[layer], args))
+            call.update(kwargs)
+            name = engine.positional_names[layer][0]
+            device = engine.block_devices[layer]
+            inputs[layer] = call.pop(name).to(device)
+            arguments[layer] = (name, send_to_device(call, device, skip_keys=list(CACHE_ARGUMENTS)))
+        return hook
+
+    def record_output(module, args, output):
+        last["output"] = output_tensor(output)
+
+    handles = [b.register_forward_pre_hook(record_input(i), with_kwargs=True) for i, b in enumerate(engine.blocks)]
+    handles.append(engine.blocks[-1].register_forward_hook(record_output))
+    if noise is not None:
+        handles.append(engine.model.get_input_embeddings().register_forward_hook(add_hook(noise.to(engine.device))))
+    # 3. the model's own forward, with logits only at the positions some prompt ends at; not on a spread
+    # model, where accelerate moves a tensor logits_to_keep to the first device, and the last hidden
+    # states may be on another
+    cache = _RecordingCache(engine.config)
+    keep = {}
+    if engine.keeps_logits and not engine.spread:
+        keep["logits_to_keep"] = torch.unique(lengths - 1)
+    try:
+        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                              use_cache=True, **keep).logits
+    finally:
+        for h in handles:
+            h.remove()
+    engine.stats["clean_tokens"] += ids.numel()
+    engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
+    # 4. the last position's logits, and the check that the engine's own head reproduces them
+    rows = torch.arange(len(lengths), device=engine.device)
+    columns = torch.searchsorted(keep["logits_to_keep"], lengths - 1) if keep else lengths - 1
+    last_logits = logits[rows.to(logits.device), columns.to(logits.device)].float().to(engine.output_device)
+    check_finite(last_logits, " in the unpatched target run")
+    output = last["output"]
+    check_head(engine, engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]), last_logits)
+    return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
+                    cache.recorded, torch.log_softmax(last_logits, dim=-1))
+
+
+def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:
+    """The fast engine computes logits from the last block's output itself (FastEngine.head); they must be
+    the model's [R, V], up to rounding, or the engine does not know this architecture's head."""
+    tolerance = (1e-4 if engine.dtype == torch.float32 else 5e-2) * (1 + float(logits.abs().max()))
+    difference = float((mine - logits).abs().max())
+    if difference > tolerance:
+        raise UserError(f"the fast engine does not reproduce the logits of architecture "
+                        f"'{engine.config.model_type}' (max difference {difference:.3g}); use engine: reference")

@@ -1,0 +1,61 @@
+"""What a patched run does at its site, the one thing the engines call on an intervention (its
+`strategy`): Write (the site's activation becomes combine(base, source) at the site's positions, in every
+layer of the window) or Block (the last position's attention to the site's positions is blocked there).
+Each gives the reference engine its hooks and the fast engine its runs (patchmap.engines.fast.edits)."""
+
+import torch
+
+from ..models import attention_module, component_module
+from .fast.edits import BlockRuns, Sources, WriteRuns
+from .hooks import knockout_hook, replace_hook
+
+
+def reference_source_values(acts, site, positions: list, width: int, hidden: int, a: int, b: int) -> dict:
+    """{layer: [B, T, H]} with the source activation of examples a..b at each one's site positions."""
+    arr = acts[f"act_{site.name}"].values[a:b]  # [B, layer, slot, H]
+    values = {}
+    for li, layer in enumerate(acts["layer"].values.tolist()):
+        v = torch.zeros(b - a, width, hidden)
+        for i, ps in enumerate(positions[a:b]):
+            v[i, ps] = torch.from_numpy(arr[i, li, :len(ps)])
+        values[layer] = v
+    return values
+
+
+class Write:
+    """The site's activation becomes combine(base, source) at its positions: base is the activation there
+    in the patched run, source the source activation (both [..., H])."""
+
+    def __init__(self, combine):
+        self.combine = combine
+
+    def reference_values(self, sources, site, positions, width, hidden, a, b):
+        return reference_source_values(sources, site, positions, width, hidden, a, b)
+
+    def reference_hooks(self, model, component: str, layers: list, where: torch.Tensor, values: dict,
+                        lengths: torch.Tensor) -> list:
+        """Forward hooks that write into `component` of each layer in `layers` where `where` [B, T] is true."""
+        return [(component_module(model, component, layer), replace_hook(where, values[layer], self.combine))
+                for layer in layers]
+
+    def fast_runs(self, engine, sources, site, batch, positions: list) -> WriteRuns:
+        """The fast engine's runs of `site` on a clean batch (patchmap.engines.fast.driver.Batch); `positions`:
+        the site's in each of its examples."""
+        return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine), self.combine)
+
+
+class Block:
+    """The last position may not attend to the site's positions (its component is ignored)."""
+
+    def reference_values(self, sources, site, positions, width, hidden, a, b):
+        return None
+
+    def reference_hooks(self, model, component, layers, where, values, lengths):
+        """Forward pre-hooks on each layer's attention that block the last query's edges to `where` [B, T]."""
+        return [(attention_module(model, layer), knockout_hook(where, lengths - 1), "pre") for layer in layers]
+
+    def fast_runs(self, engine, sources, site, batch, positions) -> BlockRuns:
+        site_mask = torch.zeros(len(positions), int(max(batch.lengths)), dtype=torch.bool)  # [B, T]
+        for e, ps in enumerate(positions):
+            site_mask[e, ps] = True
+        return BlockRuns(site_mask.to(engine.device))
