@@ -101,3 +101,13 @@ def atomic_directory(path):
 def write_netcdf(dataset, path):
     with atomic_path(path) as tmp:
         dataset.to_netcdf(tmp, engine="netcdf4")
+
+
+def check_writable_folders(root):
+    """Every folder under `root` (results/) that exists is writable: a read-only one (its permissions, an
+    immutable flag, a read-only mount) would fail the jobs that write their outputs, logs and benchmarks
+    there, some of them in Snakemake's own code. Nothing is written to find out."""
+    for folder, _, _ in os.walk(root):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write in {folder}: the folder is read-only (its permissions, an immutable "
+                            "flag or a read-only mount); make it writable and run again")

@@ -3,6 +3,8 @@ prints the mean JS of each site and layer, the pair counts, and how the default 
 compare with JS(source, target)."""
 
 import argparse
+import os
+import sys
 
 import xarray as xr
 
@@ -56,11 +58,7 @@ def three_stages(js_mean):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m patchmap.summary", description=__doc__)
-    parser.add_argument("divergence", help="a divergence.nc written by the workflow or patch_heatmap")
-    args = parser.parse_args(argv)
-    ds = xr.load_dataset(args.divergence)
+def print_summary(ds):
     print(js_table(ds))
     print("pairs:", ", ".join(f"{k} {v}" for k, v in counts(ds).items()))
     sites = list(ds["site"].values)
@@ -70,6 +68,25 @@ def main(argv=None):
               f"{SUBJECT} at layer 0 / that = {subject_ratio(js_mean):.3f}")
         if ATTENTION in sites:
             print("three stages:", ", ".join(f"{k} {v}" for k, v in three_stages(js_mean).items()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m patchmap.summary", description=__doc__)
+    parser.add_argument("divergence", help="a divergence.nc written by the workflow or patch_heatmap")
+    args = parser.parse_args(argv)
+    try:
+        ds = xr.load_dataset(args.divergence)
+    except (OSError, ValueError) as e:
+        sys.exit(f"patchmap: cannot read {args.divergence} as a netCDF file ({e}); give a run's divergence.nc")
+    if "js_mean" not in ds:
+        sys.exit(f"patchmap: {args.divergence} holds no js_mean: is it a run's divergence.nc?")
+    sys.stdout.reconfigure(errors="backslashreplace")  # a site label the terminal cannot encode
+    try:
+        print_summary(ds)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say, and nothing to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from patchmap import config as cfg
 from patchmap import interventions
 from patchmap.errors import UserError
 from patchmap.schema import name_pattern
+from patchmap.storage import check_writable_folders
 
 try:
     for configfile_path in workflow.configfiles:
         cfg.load_yaml(configfile_path)  # Snakemake's own loader keeps the last of two equal keys: refuse them
     cfg.validate(config)
     cfg.check_dataset_files(config)  # before Snakemake reports a missing input in its own words
+    check_writable_folders("results")  # before a job's log or Snakemake's own writes fail there
 except UserError as error:
     sys.exit(f"patchmap: {error}")
 
