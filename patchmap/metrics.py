@@ -1,65 +1,127 @@
-"""Divergences between next-token distributions, from float32 log-probabilities over the full vocabulary."""
+"""Divergences between next-token distributions, from float32 log-probabilities over the full vocabulary.
+
+patch_metrics computes every per-example metric of many patched runs in few passes over the vocabulary,
+piece by piece (ROWS runs at a time, so that a piece's temporaries stay in cache), against a table of
+target distributions that the runs index into (the runs of one clean batch share its targets):
+
+- d = log p - log t, then KL(P || T) = sum p d and KL(T || P) = -sum t d (elementwise products summed:
+  each term's rounding is relative to itself, so small divergences stay accurate);
+- JS(P, T) = (KL(P || M) + KL(T || M)) / 2 with M = (P + T) / 2, its terms as elementwise products too;
+  where P and T are the same distribution (d is zero: both KLs are exactly 0) JS is exactly 0.
+"""
 
 import math
 
 import torch
 
-
-def _kl_terms(p, logp, logq):
-    """sum p * (log p - log q), with 0 where p is 0 (log p = -inf there); p = exp(logp), passed in so that
-    callers computing several divergences exponentiate once."""
-    terms = logp - logq
-    terms.mul_(p).masked_fill_(p == 0, 0.0)  # in place: these run over [runs, vocabulary] tensors
-    return terms.sum(-1)
-
-
-def _log_mixture(logp, logq):
-    # where P and Q agree, M is exactly P: identical distributions then give exactly 0
-    logm = torch.logaddexp(logp, logq).sub_(math.log(2.0))
-    return torch.where(logp == logq, logp, logm, out=logm)
+ROWS = 32  # runs per piece: its [ROWS, vocabulary] temporaries stay in cache
+TINY = torch.finfo(torch.float32).tiny  # log(max(m, TINY)) is finite where m is 0, and m * it is 0
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor, base: float = 2.0) -> torch.Tensor:
-    """KL(P || Q) along the last axis of log-probs [..., V], in units of log `base`: [...]."""
+    """KL(P || Q) along the last axis of log-probs [..., V], in units of log `base`: [...]. Terms where P
+    is 0 count 0 (log p may be -inf there)."""
     logp, logq = logp.float(), logq.float()
-    return _kl_terms(logp.exp(), logp, logq) / math.log(base)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1) / math.log(base)
 
 
 def js_divergence(logp: torch.Tensor, logq: torch.Tensor, base: float = 2.0) -> torch.Tensor:
-    """JS(P, Q) along the last axis of log-probs [..., V]: [...], in [0, 1] for base 2."""
+    """JS(P, Q) along the last axis of log-probs [..., V]: [...], in [0, 1] for base 2; computed as
+    patch_metrics does where the log-probs are finite, with zero probabilities allowed elsewhere."""
     logp, logq = logp.float(), logq.float()
-    return _js(logp.exp(), logq.exp(), logp, logq, base)
+    if not (torch.isfinite(logp).all() and torch.isfinite(logq).all()):
+        p, q = logp.exp(), logq.exp()
+        js = _entropy((p + q) / 2) - (_entropy(p) + _entropy(q)) / 2
+        return js.clamp_min(0.0).masked_fill(logp.eq(logq).all(-1), 0.0) / math.log(base)
+    shape = logp.shape[:-1]
+    logp, logq = logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])
+    targets, rows = Targets(logq), torch.arange(len(logq), device=logq.device)
+    js = [_divergences(logp[a:a + ROWS], targets, rows[a:a + ROWS], base)[0] for a in range(0, len(logp), ROWS)]
+    return (torch.cat(js) if js else logp.new_zeros(0)).reshape(shape)
 
 
-def _js(p, q, logp, logq, base):
-    logm = _log_mixture(logp, logq)
-    js = 0.5 * (_kl_terms(p, logp, logm) + _kl_terms(q, logq, logm)) / math.log(base)
-    return js.clamp_min(0.0)  # rounding can leave -1e-9 where P == Q
+def _entropy(p):
+    """-sum p log p along the last axis, 0 log 0 = 0."""
+    return -torch.where(p > 0, p * p.clamp_min(TINY).log(), 0.0).sum(-1)
 
 
-ROWS = 32  # rows per pass: [rows, vocabulary] temporaries then stay in cache, ~2x faster on a CPU
+class Targets:
+    """The unpatched target distributions [B, V] that patched runs are compared with (their log-probs and
+    probabilities, computed once), and the workspace of the pieces compared with them: four [ROWS, V]
+    buffers, allocated once, so that no piece allocates (and page-faults in) large temporaries."""
+
+    def __init__(self, logprobs: torch.Tensor, probs: torch.Tensor = None):
+        self.logprobs = logprobs.float()                                      # [B, V]
+        self.probs = self.logprobs.exp() if probs is None else probs          # [B, V]
+        self._workspace = None
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "Targets":
+        """The targets of logits [B, V], made log-probs as patch_metrics(logits=True) makes a patched run's
+        (so that a run equal to its target compares as exactly equal)."""
+        logits = logits.float().clone()
+        return cls(*_log_softmax_(logits, logits.amax(-1, keepdim=True), torch.empty_like(logits)))
+
+    def workspace(self, rows: int) -> tuple:
+        """Four float32 buffers [rows, V] (rows <= ROWS), reused by every piece."""
+        if self._workspace is None:
+            self._workspace = torch.empty(4, ROWS, self.logprobs.shape[-1], device=self.logprobs.device)
+        return tuple(self._workspace[:, :rows])
 
 
-def patch_metrics(patched: torch.Tensor, target: torch.Tensor, target_answer: torch.Tensor,
-                  source_answer: torch.Tensor, base: float = 2.0) -> dict:
-    """Per-example metrics {metric: [B]} of patched runs against the unpatched target runs (log-probs
-    [B, V] each; answers [B] token ids)."""
-    if len(patched) <= ROWS:
-        return _patch_metrics(patched, target, target_answer, source_answer, base)
-    parts = [_patch_metrics(patched[a:a + ROWS], target[a:a + ROWS], target_answer[a:a + ROWS],
-                            source_answer[a:a + ROWS], base) for a in range(0, len(patched), ROWS)]
+def _divergences(logp, targets, rows, base, p=None):
+    """(JS, KL(P || T), KL(T || P), P) of log-probs `logp` [R, V] against targets.logprobs[rows]; `p`, if
+    given, is exp(logp) already, in the workspace's first buffer."""
+    rows = rows.to(logp.device)
+    probs, t, d, scratch = targets.workspace(len(logp))
+    p = torch.exp(logp, out=probs) if p is None else p
+    torch.index_select(targets.probs, 0, rows, out=t)
+    torch.sub(logp, torch.index_select(targets.logprobs, 0, rows, out=d), out=d)  # log p - log t
+    kl_pt = torch.mul(p, d, out=scratch).sum(-1)
+    kl_tp = torch.mul(t, d, out=scratch).sum(-1).neg_()
+    logm = torch.add(t, p, out=scratch).mul_(0.5).clamp_min_(TINY).log_()  # log M, M = (P + T) / 2
+    kl_pm = torch.sub(logp, logm, out=d).mul_(p).sum(-1)                     # KL(P || M)
+    kl_tm = torch.index_select(targets.logprobs, 0, rows, out=d).sub_(logm).mul_(t).sum(-1)  # KL(T || M)
+    js = (0.5 * (kl_pm + kl_tm)).clamp_min_(0.0).masked_fill_((kl_pt == 0) & (kl_tp == 0), 0.0)
+    scale = 1.0 / math.log(base)
+    return js * scale, kl_pt * scale, kl_tp * scale, p
+
+
+def patch_metrics(patched: torch.Tensor, targets: Targets, rows: torch.Tensor, target_answer: torch.Tensor,
+                  source_answer: torch.Tensor, base: float = 2.0, logits: bool = False) -> dict:
+    """Per-run metrics {metric: [R]} of patched runs' log-probs [R, V] against their unpatched targets
+    (`targets.logprobs[rows]`, rows [R]); answers [R] token ids. Pieces of ROWS runs at a time; with
+    `logits`, `patched` holds float32 logits, turned into log-probs in place piece by piece."""
+    parts = [_piece_metrics(patched[a:a + ROWS], targets, rows[a:a + ROWS], target_answer[a:a + ROWS],
+                            source_answer[a:a + ROWS], base, logits) for a in range(0, len(patched), ROWS)]
+    if not parts:
+        return _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits)
     return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
-def _patch_metrics(patched, target, target_answer, source_answer, base):
-    patched, target = patched.float(), target.float()
-    p, t = patched.exp(), target.exp()
-    rows = torch.arange(len(patched), device=patched.device)
+def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits=False):
+    patched = patched.float()
+    highest, top = patched.max(-1, keepdim=True)  # one pass: the top-1 token, and the shift for log-softmax
+    p = None
+    if logits and len(patched):
+        patched, p = _log_softmax_(patched, highest, targets.workspace(len(patched))[0])
+    js, kl_pt, kl_tp, p = _divergences(patched, targets, rows, base, p)
+    runs = torch.arange(len(patched), device=patched.device)
     return {
-        "js": _js(p, t, patched, target, base),
-        "kl_patched_target": _kl_terms(p, patched, target) / math.log(base),
-        "kl_target_patched": _kl_terms(t, target, patched) / math.log(base),
-        "p_target_answer": p[rows, target_answer],
-        "p_source_answer": p[rows, source_answer],
-        "flip": (patched.argmax(-1) == source_answer).to(torch.int8),
+        "js": js,
+        "kl_patched_target": kl_pt,
+        "kl_target_patched": kl_tp,
+        "p_target_answer": p[runs, target_answer],
+        "p_source_answer": p[runs, source_answer],
+        "flip": (top[:, 0] == source_answer).to(torch.int8),
     }
+
+
+def _log_softmax_(logits, highest, probs):
+    """Logits [R, V] (whose row maxima are `highest` [R, 1]) turned into log-probs in place, and their
+    probabilities written into `probs`."""
+    logits.sub_(highest)
+    total = torch.exp(logits, out=probs).sum(-1, keepdim=True)
+    probs.div_(total)
+    return logits.sub_(total.log_()), probs

@@ -4,7 +4,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
-from patchmap.metrics import js_divergence, kl_divergence, patch_metrics
+from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics
 
 
 def random_logprobs(n, vocab, seed, sharpness=1.0):
@@ -54,9 +54,40 @@ def test_zero_probabilities_give_finite_values():
 
 
 def test_patch_metrics_reads_answers_and_flip():
-    target = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]]))
+    target = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     patched = torch.log(torch.tensor([[0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]))
-    m = patch_metrics(patched, target, target_answer=torch.tensor([0, 0]), source_answer=torch.tensor([1, 1]))
+    m = patch_metrics(patched, Targets(target), torch.tensor([0, 0]), target_answer=torch.tensor([0, 0]),
+                      source_answer=torch.tensor([1, 1]))
     torch.testing.assert_close(m["p_target_answer"], torch.tensor([0.1, 0.6]))
     torch.testing.assert_close(m["p_source_answer"], torch.tensor([0.8, 0.3]))
     assert m["flip"].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 10.0, 40.0])
+def test_patch_metrics_match_float64_over_a_large_vocabulary(sharpness):
+    """Runs (more than one piece of ROWS) against a table of targets they index into, over a vocabulary of
+    32,000, as the engines use it: every divergence as float64 computes it, within the engines' tolerances."""
+    targets = random_logprobs(5, 32_000, 11, sharpness)
+    rows = torch.arange(2 * ROWS + 3) % 5
+    patched = torch.cat([random_logprobs(len(rows) - 4, 32_000, 12, sharpness), targets[rows[-4:]]])  # 4 unpatched
+    answers = torch.randint(0, 32_000, (2, len(rows)), generator=torch.Generator().manual_seed(0))
+    m = patch_metrics(patched, Targets(targets), rows, answers[0], answers[1])
+    p, t = patched.double().exp().numpy(), targets[rows].double().exp().numpy()
+    js = np.array([jensenshannon(a, b, base=2) ** 2 for a, b in zip(p, t)])
+    np.testing.assert_allclose(m["js"].numpy(), js, atol=1e-5)
+    np.testing.assert_allclose(m["kl_patched_target"].numpy(), rel_entr(p, t).sum(-1) / np.log(2), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(m["kl_target_patched"].numpy(), rel_entr(t, p).sum(-1) / np.log(2), atol=1e-5, rtol=1e-5)
+    for k in ("js", "kl_patched_target", "kl_target_patched"):
+        assert (m[k][-4:] == 0).all(), k  # a run equal to its target: exactly 0
+    np.testing.assert_allclose(m["p_source_answer"].numpy(), p[np.arange(len(rows)), answers[1].numpy()], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_logits_become_log_probs_in_place_piece_by_piece():
+    targets = random_logprobs(3, 1000, 13)
+    logits = torch.randn(2 * ROWS + 5, 1000, generator=torch.Generator().manual_seed(1)) * 4
+    rows, answers = torch.arange(len(logits)) % 3, torch.zeros(len(logits), dtype=torch.long)
+    from_logprobs = patch_metrics(torch.log_softmax(logits, -1), Targets(targets), rows, answers, answers)
+    from_logits = patch_metrics(logits.clone(), Targets(targets), rows, answers, answers, logits=True)
+    for k, v in from_logprobs.items():
+        torch.testing.assert_close(from_logits[k], v, rtol=1e-5, atol=1e-6)

@@ -107,8 +107,8 @@ def floor_flops(model, lengths, subject_ends):
 def job_shape(tokenizer, facts, examples, seed):
     """Prompt lengths and subject ends of the benchmarks' swap pairs, as make_pairs picks them with
     known_only false (no model needed)."""
-    from patchmap.interventions import swap_partners
-    from patchmap.pairs import encode_facts
+    from ..encoding import encode_facts
+    from ..interventions import swap_partners
 
     encoded, _ = encode_facts(tokenizer, facts)
     pairs, _ = swap_partners(encoded, examples, seed)

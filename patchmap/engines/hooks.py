@@ -7,6 +7,7 @@ any of its positions, and position ids stay 0..n-1, so no per-architecture posit
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -119,6 +120,16 @@ def capture_hook(store, key):
     return hook
 
 
+def report_non_finite(metrics: dict, where) -> None:
+    """Stop with a patchmap error if a run's divergences {metric: [R]} are NaN or inf: its logits were
+    (NaN, inf or -inf anywhere in a row makes them so). `where` as for check_finite."""
+    divergences = np.stack([metrics[k] for k in ("js", "kl_patched_target", "kl_target_patched")])
+    finite = np.isfinite(divergences).all(0)
+    if not finite.all():
+        place = where(int(np.flatnonzero(~finite)[0])) if callable(where) else where
+        raise UserError(f"non-finite logits (NaN or inf){place}; try dtype float32 or bfloat16")
+
+
 def check_finite(logits: torch.Tensor, where) -> None:
     """Stop with a patchmap error if a row of `logits` [R, V] holds NaN or inf. `where` names the run: a
     string, or a function of the first bad row's index that returns one."""
@@ -131,14 +142,21 @@ def check_finite(logits: torch.Tensor, where) -> None:
 
 
 @torch.no_grad()
-def last_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                  where: str = "") -> torch.Tensor:
-    """[B, V] float32 log-softmax of the next-token logits at each prompt's last position (ids, mask,
-    positions [B, T], lengths [B])."""
+def last_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                where: str = "") -> torch.Tensor:
+    """[B, V] float32 next-token logits at each prompt's last position (ids, mask, positions [B, T],
+    lengths [B]); a patchmap error if any is NaN or inf (`where` names the run)."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     last = logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1].float()
     check_finite(last, where)
-    return torch.log_softmax(last, dim=-1)
+    return last
+
+
+@torch.no_grad()
+def last_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                  where: str = "") -> torch.Tensor:
+    """[B, V] float32 log-softmax of the next-token logits at each prompt's last position."""
+    return torch.log_softmax(last_logits(model, ids, mask, positions, lengths, where), dim=-1)
 
 
 @torch.no_grad()

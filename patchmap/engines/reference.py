@@ -7,11 +7,11 @@ from tqdm.auto import tqdm
 
 from ..encoding import token_lists
 from ..job import PatchJob, window_layers
-from ..metrics import patch_metrics
+from ..metrics import Targets, patch_metrics
 from ..models import blocks, input_device
 from ..quantities import METRICS
 from ..sites import site_positions
-from .hooks import hooks, last_logprobs, noise_hooks, pad_batch, position_mask
+from .hooks import hooks, last_logits, noise_hooks, pad_batch, position_mask
 from .memory import halve_range, halving_on_out_of_memory
 
 
@@ -63,7 +63,8 @@ def patch_batch(model, site, layers: list, target_ids: list, position_lists: lis
     where = position_mask(position_lists, ids.shape[1], device)
     n_layers = len(blocks(model))
     with hooks(noise_hooks(model, target_noise)):
-        target = last_logprobs(model, ids, mask, pos, lengths, " in the unpatched target run")
+        target = last_logits(model, ids, mask, pos, lengths, " in the unpatched target run")
+        targets, rows = Targets.from_logits(target), torch.arange(len(target), device=target.device)
         target_answer = torch.as_tensor(target_answer, device=target.device)
         source_answer = torch.as_tensor(source_answer, device=target.device)
         per_layer = []
@@ -71,8 +72,8 @@ def patch_batch(model, site, layers: list, target_ids: list, position_lists: lis
             edits = strategy.reference_hooks(model, site.component, window_layers(layer, window, n_layers), where,
                                              source_values, lengths)
             with hooks(edits):
-                patched = last_logprobs(model, ids, mask, pos, lengths,
-                                        f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
-            per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, target, target_answer,
-                                                                   source_answer, base).items()})
+                patched = last_logits(model, ids, mask, pos, lengths,
+                                      f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
+            per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, targets, rows, target_answer,
+                                                                   source_answer, base, logits=True).items()})
     return {k: torch.stack([m[k] for m in per_layer], dim=1) for k in per_layer[0]}

@@ -43,7 +43,7 @@ class CleanRun:
     arguments: list              # block l's call arguments other than the hidden state
     hidden_names: list           # the name of block l's hidden-state argument
     keys_values: dict            # layer -> (keys, values) [B, kv_heads, T, head_dim]
-    target: torch.Tensor         # [B, V] float32 log-probs at the last position
+    target_logits: torch.Tensor  # [B, V] float32 logits at the last position
 
     def block_output(self, layer: int) -> torch.Tensor:
         """Block `layer`'s output [B, T, H]: the next block's input, or the last block's output."""
@@ -100,7 +100,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     output = last["output"]
     check_head(engine, engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]), last_logits)
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
-                    cache.recorded, torch.log_softmax(last_logits, dim=-1))
+                    cache.recorded, last_logits)
 
 
 def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from ...encoding import token_lists
 from ...errors import UserError
 from ...job import PatchJob, touched_layers, window_layers
-from ...metrics import ROWS, patch_metrics
+from ...metrics import Targets, patch_metrics
 from ...quantities import METRICS
 from ...sites import site_positions
-from ..hooks import check_finite
+from ..hooks import report_non_finite
 from ..memory import halve_range, halving_on_out_of_memory
 from . import runs, schedule
 from .blocks import FastEngine
@@ -36,6 +36,7 @@ class Batch:
     lengths: list        # [B] prompt lengths
     answers: list        # [target answers [B], source answers [B]], on the output device
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
+    targets: Targets     # the clean run's next-token distributions, which every run is compared with
 
 
 @dataclass
@@ -81,7 +82,8 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
-        batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix)
+        batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix,
+                      Targets.from_logits(clean.target_logits))
         # 3. ... the patched runs of every site ...
         patched = []
         for number, site in enumerate(job.sites):
@@ -115,8 +117,9 @@ def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
     clean, answers, a = batch.clean, batch.answers, batch.a
     for e, ps in enumerate(positions):
         if not ps:
-            same = patch_metrics(clean.target[e:e + 1], clean.target[e:e + 1], answers[0][e:e + 1],
-                                 answers[1][e:e + 1], base)
+            row = torch.tensor([e], device=clean.target_logits.device)
+            same = patch_metrics(clean.target_logits[e:e + 1].clone(), batch.targets, row, answers[0][e:e + 1],
+                                 answers[1][e:e + 1], base, logits=True)
             for k, v in same.items():
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
@@ -156,12 +159,12 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int,
 
 
 def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
-    """Logits, their non-finite check and the metrics of every PatchedRuns of a clean batch, in chunks of
-    rows (one output-embedding call for many sites and layers), into `results` {site: {metric: [example,
-    layer]}}."""
+    """Logits and metrics of every PatchedRuns of a clean batch, into `results` {site: {metric: [example,
+    layer]}}: the output embedding on chunks of many runs at once (sites and layers together), each chunk's
+    logits turned into log-probs and compared with their targets piece by piece while in cache."""
     if not patched:
         return
-    clean, answers, a = batch.clean, batch.answers, batch.a
+    answers, a = batch.answers, batch.a
     site_of = torch.cat([torch.full((len(p.rows),), p.site_number, dtype=torch.long) for p in patched])
     rows = torch.cat([p.rows for p in patched])
     layer_ids = torch.cat([p.layer_ids for p in patched])
@@ -170,18 +173,16 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
-        logprobs = engine.head(hidden[part])  # [step, V]
-        engine.stats["head_rows"] += logprobs.shape[0]
+        logits = engine.head(hidden[part])  # [step, V] float32
+        engine.stats["head_rows"] += logits.shape[0]
+        here = rows[part].to(logits.device)
+        metrics = {k: v.cpu().numpy() for k, v in patch_metrics(
+            logits, batch.targets, here, answers[0][here], answers[1][here], job.js_base, logits=True).items()}
 
         def where(bad, c=c):
             site = job.sites[int(site_of[c + bad])]
             return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[c + bad])]}"
-        check_finite(logprobs, where)
-        for r in range(0, len(logprobs), ROWS):  # in place, in cache-sized pieces
-            logprobs[r:r + ROWS] = torch.log_softmax(logprobs[r:r + ROWS], dim=-1)
-        here = rows[part].to(logprobs.device)
-        metrics = {k: v.cpu().numpy() for k, v in
-                   patch_metrics(logprobs, clean.target[here], answers[0][here], answers[1][here], job.js_base).items()}
+        report_non_finite(metrics, where)
         sites_here = site_of[part].numpy()
         ex_index, li_index = a + rows[part].cpu().numpy(), layer_ids[part].cpu().numpy()
         for number in np.unique(sites_here):
