@@ -4,7 +4,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .quantities import DESCRIPTIONS, METRICS, log_unit, unit
+from .quantities import DESCRIPTIONS, METRICS, TARGET_TOP, TOP_DESCRIPTIONS, log_unit, unit
 
 
 def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):
@@ -22,13 +22,21 @@ def merge_sites(site_datasets, sites, base, seed):
     js_mean, js_ci_low, js_ci_high and the mean of every other metric."""
     per_site = [xr.concat(site_datasets[s.name], dim="example") if isinstance(site_datasets[s.name], list)
                 else site_datasets[s.name] for s in sites]
-    ds = xr.concat([d.drop_attrs() for d in per_site], dim="site", join="exact")
+    target_top = [name for name in TARGET_TOP if name in per_site[0]]  # absent from results made before them
+    ds = xr.concat([d.drop_vars(target_top).drop_attrs() for d in per_site], dim="site", join="exact")
     ds = ds.assign_coords(
         site=[s.label for s in sites],
         site_name=("site", [s.name for s in sites]),
         component=("site", [s.component for s in sites]),
         positions=("site", [s.positions for s in sites]),
-    ).transpose("example", "site", "layer")
+    ).transpose("example", "site", "layer", ...)
+    for name in target_top:
+        ds[name] = per_site[0][name].drop_attrs()
+    for name in TOP_DESCRIPTIONS:
+        if name in ds:
+            ds[name].attrs["description"] = TOP_DESCRIPTIONS[name]
+            if name.endswith("prob"):
+                ds[name].attrs["units"] = "probability"
     for name in METRICS:
         ds[name].attrs.update(description=DESCRIPTIONS[name], units=unit(name, base))
         ds[f"{name}_mean"] = ds[name].astype("float64").mean("example")

@@ -10,6 +10,7 @@ from . import activations, layouts, models
 from . import config as cfg
 from .aggregate import merge_sites
 from .config import resolve_layers
+from .encoding import token_table
 from .errors import UserError
 from .facts import check_facts
 from .interventions import Intervention, from_run
@@ -59,6 +60,7 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
                    pad_id=tokenizer.pad_token_id, intervention=intervention, sources=sources, js_base=base,
                    window=run["window"], progress=progress)
     ds = merge_sites(run_patch_job(job, engine=run["engine"]), sites, base, run["seed"])
+    ds = ds.merge(token_table(tokenizer, ds, pairs))
     ds.attrs.update({k: v for k, v in pairs.attrs.items()})
     ds.attrs.update({"model": getattr(model.config, "_name_or_path", ""), "js_base": str(run["js_base"])})
     ds.attrs.update({f"version_{k}": v for k, v in package_versions().items()})

@@ -60,6 +60,21 @@ def drop_too_long(encoded, limit):
     return kept, len(encoded) - len(kept)
 
 
+def token_table(tokenizer, results, pairs):
+    """token_text [token_id]: the decoded text of every token id that `results` (top_token,
+    target_top_token) and `pairs` (the answers) name, so that a result file reads without the tokenizer."""
+    import numpy as np
+    import xarray as xr
+    named = [results[v].values.ravel() for v in ("top_token", "target_top_token") if v in results]
+    named += [pairs[v].values.ravel() for v in ("target_answer", "source_answer")]
+    ids = np.unique(np.concatenate(named)).astype(np.int64)
+    texts = np.array([tokenizer.decode([int(i)]) for i in ids], dtype=object)
+    table = xr.Dataset({"token_text": (("token_id",), texts, {"description": "the token's decoded text"})},
+                       coords={"token_id": ids})
+    table["token_id"].attrs["description"] = "token id in the model's vocabulary"
+    return table
+
+
 def token_lists(ds, variable):
     """The unpadded token ids of each example of a pairs dataset (`target_ids` or `source_ids`)."""
     return [row[:n].tolist() for row, n in zip(ds[variable].values, ds["length"].values)]

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from .interventions import Intervention
-from .quantities import DESCRIPTIONS, METRICS
+from .quantities import DESCRIPTIONS, METRICS, TOP_DESCRIPTIONS, TOP_K
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> list:
@@ -55,11 +55,25 @@ class PatchJob:
     def batches(self) -> list:
         return batches(self.n_examples, self.batch_size)
 
+    def empty_results(self) -> dict:
+        """The arrays a site's results fill: {metric: [example, layer]}, top_token and top_prob [example, layer,
+        rank], target_top_token and target_top_prob [example, rank]."""
+        n, layers = self.n_examples, len(self.layers)
+        out = {k: np.zeros((n, layers), np.int8 if k == "flip" else np.float32) for k in METRICS}
+        out.update(top_token=np.zeros((n, layers, TOP_K), np.int64), top_prob=np.zeros((n, layers, TOP_K), np.float32),
+                   target_top_token=np.zeros((n, TOP_K), np.int64), target_top_prob=np.zeros((n, TOP_K), np.float32))
+        return out
+
     def site_result(self, site, metrics: dict) -> xr.Dataset:
-        """One site's per-example metrics {metric: [example, layer] array} as the dataset both engines
+        """One site's per-example results (empty_results' arrays, filled) as the dataset both engines
         return (and stages.stack_sites stacks)."""
         data = {k: (("example", "layer"), metrics[k], {"description": DESCRIPTIONS[k]}) for k in METRICS}
-        ds = xr.Dataset(data, coords={"example": self.pairs["example"].values, "layer": np.asarray(self.layers)})
+        for k in ("top_token", "top_prob"):
+            data[k] = (("example", "layer", "rank"), metrics[k], {"description": TOP_DESCRIPTIONS[k]})
+        for k in ("target_top_token", "target_top_prob"):
+            data[k] = (("example", "rank"), metrics[k], {"description": TOP_DESCRIPTIONS[k]})
+        ds = xr.Dataset(data, coords={"example": self.pairs["example"].values, "layer": np.asarray(self.layers),
+                                      "rank": np.arange(TOP_K)})
         ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                          "positions": site.positions, "js_base": self.js_base, "window": self.window})
         return ds

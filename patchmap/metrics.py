@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .quantities import TOP_K
+
 ROWS = 32  # runs per piece: its [ROWS, vocabulary] temporaries stay in cache
 TINY = torch.finfo(torch.float32).tiny  # log(max(m, TINY)) is finite where m is 0, and m * it is 0
 
@@ -55,6 +57,11 @@ class Targets:
         self.logprobs = logprobs.float()                                      # [B, V]
         self.probs = self.logprobs.exp() if probs is None else probs          # [B, V]
         self._workspace = None
+
+    def top(self, k: int = TOP_K) -> tuple:
+        """(token ids [B, k], probabilities [B, k]) of each target's k most probable next tokens."""
+        values, tokens = self.logprobs.topk(min(k, self.logprobs.shape[-1]), dim=-1)
+        return tokens, values.exp()
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "Targets":
@@ -102,10 +109,10 @@ def patch_metrics(patched: torch.Tensor, targets: Targets, rows: torch.Tensor, t
 
 def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits=False):
     patched = patched.float()
-    highest, top = patched.max(-1, keepdim=True)  # one pass: the top-1 token, and the shift for log-softmax
+    highest, top = patched.topk(min(TOP_K, patched.shape[-1]), dim=-1)  # one pass; [:, :1]: log-softmax's shift
     p = None
     if logits and len(patched):
-        patched, p = _log_softmax_(patched, highest, targets.workspace(len(patched))[0])
+        patched, p = _log_softmax_(patched, highest[:, :1], targets.workspace(len(patched))[0])
     js, kl_pt, kl_tp, p = _divergences(patched, targets, rows, base, p)
     runs = torch.arange(len(patched), device=patched.device)
     return {
@@ -115,6 +122,8 @@ def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, l
         "p_target_answer": p[runs, target_answer],
         "p_source_answer": p[runs, source_answer],
         "flip": (top[:, 0] == source_answer).to(torch.int8),
+        "top_token": top,
+        "top_prob": p.gather(1, top),
     }
 
 

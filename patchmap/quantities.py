@@ -11,9 +11,21 @@ DESCRIPTIONS = {
 }
 METRICS = tuple(DESCRIPTIONS)  # the per-example metrics, in the order result files hold them
 
+TOP_K = 5  # the patched and the unpatched runs' most probable next tokens that result files keep
+TOP_DESCRIPTIONS = {
+    "top_token": f"the patched run's {TOP_K} most probable next tokens (token ids; token_text decodes them), "
+                 "most probable first",
+    "top_prob": "their probabilities under the patched run",
+    "target_top_token": f"the unpatched target run's {TOP_K} most probable next tokens (token ids), most "
+                        "probable first",
+    "target_top_prob": "their probabilities under the unpatched target run",
+}
+TARGET_TOP = ("target_top_token", "target_top_prob")  # per example: the same for every site
+
 IN_LOG_BASE = "the run's log base"  # a divergence: in bits for js_base 2, in nats for e
 UNITS = {"js": IN_LOG_BASE, "kl_patched_target": IN_LOG_BASE, "kl_target_patched": IN_LOG_BASE,
-         "p_target_answer": "probability", "p_source_answer": "probability", "flip": "1"}
+         "p_target_answer": "probability", "p_source_answer": "probability", "flip": "1",
+         "top_prob": "probability", "target_top_prob": "probability"}
 
 
 def log_unit(js_base) -> str:

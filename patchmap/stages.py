@@ -17,6 +17,7 @@ from .facts import check_sha256, download, load_jsonl, read_facts, sha256_file, 
 from .errors import UserError
 from .interventions import from_run
 from .loading import load_model, load_tokenizer, read_identity
+from .quantities import TARGET_TOP
 from .storage import atomic_path, write_netcdf
 
 log = logging.getLogger("patchmap")
@@ -154,6 +155,7 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     written to `activations_out`), the pooled values of `ablation_path`, or none."""
     from . import models
     from .job import PatchJob
+    from .encoding import token_table
     from .patching import run_patch_job
     run = config["runs"][run_name]
     # 1. the model, the run's layers and sites, the shard's pairs
@@ -179,16 +181,23 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     job = PatchJob(model=model, pairs=shard_pairs, sites=sites, layers=layers, batch_size=run["batch_size"],
                    pad_id=tokenizer.pad_token_id, intervention=intervention, sources=sources, js_base=cfg.js_base(run),
                    window=run["window"])
-    write_netcdf(stack_sites(run_patch_job(job, engine=run["engine"]), sites), out)
+    ds = stack_sites(run_patch_job(job, engine=run["engine"]), sites)
+    # 4. the text of every token the results name, so that the file reads without the tokenizer
+    write_netcdf(ds.merge(token_table(tokenizer, ds, shard_pairs)), out)
 
 
 def stack_sites(per_site, sites):
-    """One shard's per-site metrics (example x layer each) as one dataset with a `site` dimension (site names)."""
-    ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in sites], dim="site", join="exact")
+    """One shard's per-site results (example x layer each) as one dataset with a `site` dimension (site
+    names); the unpatched target's top tokens, the same for every site, once."""
+    first = per_site[sites[0].name]
+    ds = xr.concat([per_site[s.name].drop_vars(list(TARGET_TOP)).drop_attrs(deep=False) for s in sites], dim="site",
+                   join="exact")
     ds = ds.assign_coords(site=[s.name for s in sites], label=("site", [s.label for s in sites]),
                           component=("site", [s.component for s in sites]),
-                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer")
-    ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})
+                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer", ...)
+    for name in TARGET_TOP:
+        ds[name] = first[name]
+    ds.attrs.update({k: first.attrs[k] for k in ("js_base", "window")})
     return ds
 
 
@@ -199,9 +208,13 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
     shards = [xr.load_dataset(p) for p in patch_paths]
-    per_site = {s.name: [ds.drop_vars(["label", "component", "positions"]).sel(site=s.name, drop=True)
-                         for ds in shards] for s in sites}
+    tokens = [ds[["token_text"]] for ds in shards if "token_text" in ds]  # absent from shards made before it
+    shards = [ds.drop_vars(["label", "component", "positions", "token_text", "token_id"], errors="ignore")
+              for ds in shards]
+    per_site = {s.name: [ds.sel(site=s.name, drop=True) for ds in shards] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
+    if tokens:
+        ds = ds.merge(xr.merge(tokens, join="outer"))
     pairs_ds = xr.load_dataset(pairs_path)
     for var in ("target_prompt", "source_prompt", "target_attribute", "source_attribute", "relation"):
         ds.coords[var] = ("example", pairs_ds[var].values)

@@ -94,6 +94,15 @@ def test_api_returns_the_workflow_dataset(tiny_model, world):
     assert isinstance(ds, xr.Dataset)
     assert ds["js"].dims == ("example", "site", "layer")
     assert list(ds["site"].values) == ["Subj.", "Attn.", "Last."]
-    assert ds.sizes == {"example": 8, "site": 3, "layer": models.n_layers(model)}
+    assert {k: ds.sizes[k] for k in ("example", "site", "layer", "rank")} == \
+        {"example": 8, "site": 3, "layer": models.n_layers(model), "rank": 5}
+    assert ds["top_token"].dims == ("example", "site", "layer", "rank")
+    assert ds["target_top_token"].dims == ("example", "rank")
+    probs = ds["top_prob"].values
+    assert (np.diff(probs, axis=-1) <= 0).all() and (probs.sum(-1) <= 1 + 1e-6).all()
+    named = set(np.unique(ds["top_token"].values)) | set(np.unique(ds["target_top_token"].values))
+    assert named <= set(ds["token_id"].values.tolist())
+    assert ds["token_text"].sel(token_id=int(ds["target_top_token"][0, 0])).item() == \
+        tokenizer.decode([int(ds["target_top_token"][0, 0])])
     assert ((ds["js_ci_low"] <= ds["js_mean"] + 1e-12) & (ds["js_mean"] <= ds["js_ci_high"] + 1e-12)).all()
     assert float(ds["js"].min()) >= 0 and float(ds["js"].max()) <= 1

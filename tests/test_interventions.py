@@ -103,7 +103,7 @@ def test_knockout_through_the_stages(tiny_model, world):
              "last": {"component": "attn", "positions": "last"}}
     ds = patch_heatmap(model, tokenizer, synthetic.facts(world), sites=sites, examples=6, known_only=False,
                        intervention="knockout", window=3, progress=False)
-    assert ds.sizes == {"example": 6, "site": 3, "layer": 3}
+    assert ds["js"].sizes == {"example": 6, "site": 3, "layer": 3}
     assert float(ds["js"].min()) >= 0 and float(ds["js"].max()) > 0
 
 

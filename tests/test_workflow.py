@@ -32,7 +32,12 @@ def test_writes_the_heatmap_and_divergence(finished_run):
 def test_divergence_is_labelled(finished_run):
     ds = xr.load_dataset(finished_run / "results" / "tiny" / "divergence.nc")
     assert ds["js"].dims == ("example", "site", "layer")
-    assert ds.sizes == {"example": 12, "site": 3, "layer": 2}
+    assert ds["js"].sizes == {"example": 12, "site": 3, "layer": 2}
+    assert ds["top_token"].dims == ("example", "site", "layer", "rank") and ds.sizes["rank"] == 5
+    assert ds["target_top_token"].dims == ("example", "rank")
+    named = np.union1d(np.unique(ds["top_token"].values), np.unique(ds["target_top_token"].values))
+    assert set(named.tolist()) <= set(ds["token_id"].values.tolist())
+    assert all(isinstance(t, str) for t in ds["token_text"].values)
     assert list(ds["site"].values) == ["Subj.", "Attn.", "MLP rel."]
     assert list(ds["component"].values) == ["resid", "attn", "mlp"]
     assert list(ds["positions"].values) == ["subject", "last", "relation"]

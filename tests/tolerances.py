@@ -45,8 +45,26 @@ def assert_metric_close(metric, got, expected, where=""):
 
 
 def assert_datasets_close(reference, got):
-    """Per-site datasets of metrics [example, layer] (patchmap.patching.run_patch_job's result) agree metric by metric."""
+    """Per-site datasets of metrics [example, layer] (patchmap.patching.run_patch_job's result) agree metric by
+    metric, and name the same top tokens."""
     for name, ref in reference.items():
         for metric in TOLERANCES:
             assert got[name][metric].dtype == ref[metric].dtype, (name, metric)
             assert_metric_close(metric, got[name][metric].values, ref[metric].values, name)
+        for tokens, probs in (("top_token", "top_prob"), ("target_top_token", "target_top_prob")):
+            if tokens in ref:
+                assert_top_tokens_agree(got[name][tokens].values, got[name][probs].values, ref[tokens].values,
+                                        ref[probs].values, name)
+
+
+def assert_top_tokens_agree(tokens, probs, expected_tokens, expected_probs, where=""):
+    """The same top tokens [..., rank] with probabilities within p_target_answer's tolerance; where two
+    ranks' probabilities tie within it, either order (or, at the last rank, either token) counts."""
+    atol = TOLERANCES["p_target_answer"][0]
+    assert np.abs(probs - expected_probs).max(initial=0) <= atol, (where, "top probabilities")
+    tied = np.zeros(tokens.shape, dtype=bool)
+    close = np.abs(np.diff(expected_probs, axis=-1)) <= 2 * atol
+    tied[..., :-1] |= close
+    tied[..., 1:] |= close
+    tied[..., -1] |= np.abs(expected_probs[..., -1] - probs[..., -1]) <= 2 * atol  # a rival just below the last
+    assert ((tokens == expected_tokens) | tied).all(), (where, "top tokens")

@@ -1,7 +1,6 @@
 """The reference engine: forward hooks on the model's own modules, one full forward per (site, layer),
 batched over examples. Simple and slow; the fast engine is tested against it."""
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -9,7 +8,6 @@ from ..encoding import token_lists
 from ..job import PatchJob, window_layers
 from ..metrics import Targets, patch_metrics
 from ..models import blocks, input_device
-from ..quantities import METRICS
 from ..sites import site_positions
 from .hooks import hooks, last_logits, noise_hooks, pad_batch, position_mask
 from .memory import halve_range, halving_on_out_of_memory
@@ -40,11 +38,12 @@ def site_metrics(job: PatchJob, site):
                            window=job.window)
 
     batches = tqdm(job.batches(), desc=f"patch {site.label}", unit="batch", disable=not job.progress)
-    parts = [metrics for _, metrics in halving_on_out_of_memory(
-        batches, run, halve_range, lambda batch: f"patching examples {batch[0]}-{batch[1] - 1} at site {site.label}")]
-    metrics = {k: np.concatenate([p[k].numpy() for p in parts]) if parts else np.zeros((0, len(job.layers)), np.float32)
-               for k in METRICS}
-    return job.site_result(site, metrics)
+    results = job.empty_results()
+    for (a, b), metrics in halving_on_out_of_memory(
+            batches, run, halve_range, lambda batch: f"patching examples {batch[0]}-{batch[1] - 1} at site {site.label}"):
+        for k, v in metrics.items():
+            results[k][a:b] = v.numpy()
+    return job.site_result(site, results)
 
 
 @torch.no_grad()
@@ -56,7 +55,8 @@ def patch_batch(model, site, layers: list, target_ids: list, position_lists: lis
     positions in every layer of window_layers(l, window): a Write writes `source_values[layer]` ([B, T,
     H], the source activation at the site's positions) in, a Block blocks the attention edges from the
     last position to the site's positions. `target_noise` [B, T, H], if given, is added to the target's
-    input embeddings in every target run, patched or not. Returns {metric: [B, len(layers)]} on the CPU.
+    input embeddings in every target run, patched or not. Returns {metric: [B, len(layers)]}, top_token and
+    top_prob [B, len(layers), rank], target_top_token and target_top_prob [B, rank], on the CPU.
     """
     device = input_device(model)
     ids, mask, pos, lengths = pad_batch(target_ids, pad_id, device)
@@ -76,4 +76,5 @@ def patch_batch(model, site, layers: list, target_ids: list, position_lists: lis
                                       f" at site {site.label} ({site.component}@{site.positions}), layer {layer}")
             per_layer.append({k: v.cpu() for k, v in patch_metrics(patched, targets, rows, target_answer,
                                                                    source_answer, base, logits=True).items()})
-    return {k: torch.stack([m[k] for m in per_layer], dim=1) for k in per_layer[0]}
+    target_top = dict(zip(("target_top_token", "target_top_prob"), (x.cpu() for x in targets.top())))
+    return {**{k: torch.stack([m[k] for m in per_layer], dim=1) for k in per_layer[0]}, **target_top}

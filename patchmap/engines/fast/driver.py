@@ -13,7 +13,6 @@ from ...encoding import token_lists
 from ...errors import UserError
 from ...job import PatchJob, touched_layers, window_layers
 from ...metrics import Targets, patch_metrics
-from ...quantities import METRICS
 from ...sites import site_positions
 from ..hooks import report_non_finite
 from ..memory import halve_range, halving_on_out_of_memory
@@ -60,8 +59,7 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
     targets = token_lists(pairs, "target_ids")
     lengths = [len(t) for t in targets]
     positions = {s.name: site_positions(pairs, s) for s in job.sites}
-    results = {s.name: {k: np.zeros((n, len(job.layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
-               for s in job.sites}
+    results = {s.name: job.empty_results() for s in job.sites}
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.output_device) for r in ("target", "source")]
     same_until = job.intervention.same_until(pairs, targets, token_lists(pairs, "source_ids"))
     first = min(window_layers(layer, job.window, engine.n_layers)[0] for layer in job.layers)
@@ -94,6 +92,9 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
             unpatched(batch, here, job.js_base, results[site.name])
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
+        target_top = [x.cpu().numpy() for x in batch.targets.top()]
+        for site in job.sites:
+            results[site.name]["target_top_token"][a:b], results[site.name]["target_top_prob"][a:b] = target_top
         bar.update(b - a)
     bar.close()
     return {site.name: job.site_result(site, results[site.name]) for site in job.sites}
