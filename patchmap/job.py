@@ -60,8 +60,8 @@ class PatchJob:
         rank], target_top_token and target_top_prob [example, rank]."""
         n, layers = self.n_examples, len(self.layers)
         out = {k: np.zeros((n, layers), np.int8 if k == "flip" else np.float32) for k in METRICS}
-        out.update(top_token=np.zeros((n, layers, TOP_K), np.int64), top_prob=np.zeros((n, layers, TOP_K), np.float32),
-                   target_top_token=np.zeros((n, TOP_K), np.int64), target_top_prob=np.zeros((n, TOP_K), np.float32))
+        out.update(top_token=np.zeros((n, layers, TOP_K), np.int32), top_prob=np.zeros((n, layers, TOP_K), np.float32),
+                   target_top_token=np.zeros((n, TOP_K), np.int32), target_top_prob=np.zeros((n, TOP_K), np.float32))
         return out
 
     def site_result(self, site, metrics: dict) -> xr.Dataset:
