@@ -59,43 +59,37 @@ def _free(folder):
         return "no space"
 
 
-@contextmanager
 def atomic_path(path):
     """Yield a temporary file name beside `path`; move it into place only if the block succeeds."""
-    path = Path(path)
-    tmp = None
-    try:
-        with full_disk_reported(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            yield tmp
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results are ordinary files
-            os.replace(tmp, path)
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+    return _replaced_atomically(path, directory=False)
+
+
+def atomic_directory(path):
+    """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
+    return _replaced_atomically(path, directory=True)
 
 
 @contextmanager
-def atomic_directory(path):
-    """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
+def _replaced_atomically(path, directory):
     path = Path(path)
     tmp = None
     try:
         with full_disk_reported(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(path)
-            tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            if directory:
+                tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            else:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(fd)
             yield tmp
-            os.chmod(tmp, 0o777 & ~_umask())
-            if path.exists():
+            os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
+            if directory and path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
     finally:
         if tmp and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp) if directory else os.remove(tmp)
 
 
 def write_netcdf(dataset, path):
