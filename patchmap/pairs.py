@@ -132,9 +132,3 @@ def pairs_dataset(known, pairs, counts, seed, known_only, intervention, subject_
     ds["subject_start"].attrs["description"] = "first subject token (same in target and source)"
     ds["subject_end"].attrs["description"] = "one past the last subject token"
     return ds
-
-
-def shard_bounds(n_examples, shard_size, shard):
-    """The examples [start, stop) of shard number `shard`."""
-    start = shard * shard_size
-    return min(start, n_examples), min(start + shard_size, n_examples)
