@@ -1,10 +1,21 @@
-"""A run's examples in shards of `shard_size`, one patch job each. The workflow plans its shards from the
-pairs file (the pairs checkpoint), so this module reads only the file's example count, and imports neither
-xarray nor torch."""
+"""A run's examples: how many pairing found against how many the run asked for, and how they split into
+shards of `shard_size`, one patch job each. The workflow plans its shards from the pairs file (the pairs
+checkpoint), so this module reads only the file's example count, and imports neither xarray nor torch."""
 
 import math
 
 import netCDF4
+
+SHORTFALL = "examples_shortfall"
+"""The attribute of pairs.nc and divergence.nc that says a run found fewer pairs than it asked for."""
+
+
+def shortfall(requested, found, facts):
+    """One line when pairing found fewer pairs than the run asked for, else None."""
+    if found < requested:
+        return (f"asked for {requested:,} examples, found {found:,} pairs in {facts:,} facts; "
+                f"the run uses those {found:,}")
+    return None
 
 
 def count(n_examples, shard_size):

@@ -222,7 +222,8 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
         dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
         facts_sha256=pairs_ds.attrs["facts_sha256"]))
     ds.attrs["model_commit"] = identity["commit"]
-    ds.attrs.update({k: v for k, v in pairs_ds.attrs.items() if k.startswith("count_") or k == "pairing"})
+    ds.attrs.update({k: v for k, v in pairs_ds.attrs.items()
+                     if k.startswith("count_") or k in ("pairing", shards.SHORTFALL)})
     write_netcdf(ds, out)
 
 

@@ -6,6 +6,8 @@ import argparse
 
 import xarray as xr
 
+from .shards import SHORTFALL
+
 SUBJECT, ATTENTION, LAST = "Subj.", "Attn.", "Last."
 
 
@@ -63,6 +65,8 @@ def main(argv=None):
     ds = xr.load_dataset(args.divergence)
     print(js_table(ds))
     print("pairs:", ", ".join(f"{k} {v}" for k, v in counts(ds).items()))
+    if SHORTFALL in ds.attrs:
+        print(ds.attrs[SHORTFALL])
     sites = list(ds["site"].values)
     if SUBJECT in sites and LAST in sites:
         js_mean = ds["js_mean"]
