@@ -196,10 +196,6 @@ def run_sites(config, run_name):
     return [Site.from_config(name, config["sites"][name]) for name in config["runs"][run_name]["sites"]]
 
 
-def shard_count(run):
-    return math.ceil(run["examples"] / run["shard_size"])
-
-
 def js_base(run):
     return math.e if run["js_base"] == "e" else float(run["js_base"])
 

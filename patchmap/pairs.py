@@ -15,6 +15,7 @@ from .encoding import PAD, drop_too_long, encode_facts, max_positions
 from .errors import UserError
 from .interventions import Swap, outside_subject
 from .predictions import attach_predictions, baseline_predictions, is_known, std_from_moments, subject_embedding_std
+from .shards import SHORTFALL, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ def pairs_dataset(known, pairs, counts, seed, known_only, intervention, subject_
     data["relation"] = (ex, np.array([f["relation"] for f in targets], dtype=object))
     ds = xr.Dataset(data, coords={"example": [f["id"] for f in targets]})
     ds.attrs.update({f"count_{k}": v for k, v in counts.items()})
+    fewer = shortfall(counts["examples_requested"], counts["pairs"], counts["facts"])
+    if fewer:
+        log.warning(fewer)
+        ds.attrs[SHORTFALL] = fewer
     ds.attrs.update({"intervention": intervention.name, "seed": seed, "known_only": int(known_only),
                      "token_padding": PAD})
     variables, attributes = intervention.pairs_fields(seed, len(pairs), subject_std)
@@ -132,9 +137,3 @@ def pairs_dataset(known, pairs, counts, seed, known_only, intervention, subject_
     ds["subject_start"].attrs["description"] = "first subject token (same in target and source)"
     ds["subject_end"].attrs["description"] = "one past the last subject token"
     return ds
-
-
-def shard_bounds(n_examples, shard_size, shard):
-    """The examples [start, stop) of shard number `shard`."""
-    start = shard * shard_size
-    return min(start, n_examples), min(start + shard_size, n_examples)

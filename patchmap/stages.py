@@ -12,7 +12,7 @@ from pathlib import Path
 import xarray as xr
 
 from . import config as cfg
-from . import provenance, synthetic
+from . import provenance, shards, synthetic
 from .facts import check_sha256, download, load_jsonl, read_facts, sha256_file, write_jsonl
 from .errors import UserError
 from .interventions import from_run
@@ -97,7 +97,8 @@ def predictions(config, model_name, dataset_name, dtype, device, batch_size, fac
 
 
 def pairs(config, run_name, facts_path, predictions_path, identity_path, out):
-    """results/{run}/pairs.nc from the facts, the shared predictions and the tokenizer (no model)."""
+    """results/{run}/pairs.nc from the facts, the shared predictions and the tokenizer (no model). The
+    workflow plans the run's shards from the pairs it holds (the pairs checkpoint)."""
     from .pairs import pairs_from_predictions
     run = config["runs"][run_name]
     tokenizer = load_tokenizer(config["models"][run["model"]], identity_path)
@@ -107,14 +108,22 @@ def pairs(config, run_name, facts_path, predictions_path, identity_path, out):
     ds.attrs["facts_sha256"] = sha256_file(facts_path)
     ds.attrs["model_commit"] = read_identity(identity_path)["commit"]
     write_netcdf(ds, out)
+    n_pairs = ds.sizes["example"]
+    log.info("%d pairs: %d shards of %d, one patch job each", n_pairs, shards.count(n_pairs, run["shard_size"]),
+             run["shard_size"])
 
 
-def shard_of(pairs_path, run, shard):
-    """The examples of shard number `shard` of a run's pairs."""
-    from .pairs import shard_bounds
+def shard_of(config, run_name, pairs_path, shard):
+    """The examples of shard number `shard` of a run's pairs. The workflow plans only the shards that the
+    pairs fill; any other (a target named by hand) is refused here, before a model loads."""
     ds = xr.load_dataset(pairs_path)
-    a, b = shard_bounds(ds.sizes["example"], run["shard_size"], int(shard))
-    return ds.isel(example=slice(a, b))
+    n_examples, shard_size, shard = ds.sizes["example"], config["runs"][run_name]["shard_size"], int(shard)
+    count = shards.count(n_examples, shard_size)
+    if shard >= count:
+        raise UserError(f"run '{run_name}' has no shard {shard}: its {n_examples} pairs make {count} shards of "
+                        f"{shard_size} (0 to {count - 1})")
+    start, stop = shards.bounds(n_examples, shard_size, shard)
+    return ds.isel(example=slice(start, stop))
 
 
 def extract_shard(config, run_name, model, tokenizer, shard_pairs):
@@ -137,8 +146,8 @@ def load_run_model(config, run_name, identity_path):
 def extract(config, run_name, pairs_path, shard, identity_path, out):
     """Source activations for one shard, at every layer a patch window touches (for an intervention whose
     patch jobs need every shard's activations pooled first: ablate)."""
+    shard_pairs = shard_of(config, run_name, pairs_path, shard)
     model, tokenizer = load_run_model(config, run_name, identity_path)
-    shard_pairs = shard_of(pairs_path, config["runs"][run_name], shard)
     write_netcdf(extract_shard(config, run_name, model, tokenizer, shard_pairs), out)
 
 
@@ -158,11 +167,11 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     from .encoding import token_table
     from .patching import run_patch_job
     run = config["runs"][run_name]
-    # 1. the model, the run's layers and sites, the shard's pairs
+    # 1. the shard's pairs, the model, the run's layers and sites
+    shard_pairs = shard_of(config, run_name, pairs_path, shard)
     model, tokenizer = load_run_model(config, run_name, identity_path)
     layers = cfg.resolve_layers(run["layers"], models.n_layers(model), f"runs.{run_name}.layers")
     sites = cfg.run_sites(config, run_name)
-    shard_pairs = shard_of(pairs_path, run, shard)
     intervention = from_run(run)
 
     # 2. the sources the intervention writes in
@@ -207,11 +216,11 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
     from .aggregate import merge_sites
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
-    shards = [xr.load_dataset(p) for p in patch_paths]
-    tokens = [ds[["token_text"]] for ds in shards if "token_text" in ds]  # absent from shards made before it
-    shards = [ds.drop_vars(["label", "component", "positions", "token_text", "token_id"], errors="ignore")
-              for ds in shards]
-    per_site = {s.name: [ds.sel(site=s.name, drop=True) for ds in shards] for s in sites}
+    patched = [xr.load_dataset(p) for p in patch_paths]
+    tokens = [ds[["token_text"]] for ds in patched if "token_text" in ds]  # absent from shards made before it
+    patched = [ds.drop_vars(["label", "component", "positions", "token_text", "token_id"], errors="ignore")
+               for ds in patched]
+    per_site = {s.name: [ds.sel(site=s.name, drop=True) for ds in patched] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
     if tokens:
         ds = ds.merge(xr.merge(tokens, join="outer"))
@@ -226,7 +235,8 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
         dataset_source=dataset.get("url") or dataset.get("path") or "synthetic (built in)",
         facts_sha256=pairs_ds.attrs["facts_sha256"]))
     ds.attrs["model_commit"] = identity["commit"]
-    ds.attrs.update({k: v for k, v in pairs_ds.attrs.items() if k.startswith("count_") or k == "pairing"})
+    ds.attrs.update({k: v for k, v in pairs_ds.attrs.items()
+                     if k.startswith("count_") or k in ("pairing", shards.SHORTFALL)})
     write_netcdf(ds, out)
 
 

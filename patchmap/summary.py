@@ -8,6 +8,8 @@ import sys
 
 import xarray as xr
 
+from .shards import SHORTFALL
+
 SUBJECT, ATTENTION, LAST = "Subj.", "Attn.", "Last."
 
 
@@ -61,6 +63,8 @@ def three_stages(js_mean):
 def print_summary(ds):
     print(js_table(ds))
     print("pairs:", ", ".join(f"{k} {v}" for k, v in counts(ds).items()))
+    if SHORTFALL in ds.attrs:
+        print(ds.attrs[SHORTFALL])
     sites = list(ds["site"].values)
     if SUBJECT in sites and LAST in sites:
         js_mean = ds["js_mean"]

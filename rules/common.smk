@@ -10,6 +10,7 @@ from patchmap import interventions
 from patchmap.errors import UserError
 from patchmap.schema import name_pattern
 from patchmap.storage import check_writable_folders
+from patchmap.shards import shards_of
 
 try:
     for configfile_path in workflow.configfiles:
@@ -119,7 +120,10 @@ def ablation_input(wildcards):
 
 
 def shards(run):
-    return range(cfg.shard_count(config["runs"][run]))
+    """The run's shard numbers, from the pairs the pairs checkpoint wrote: until they exist, Snakemake
+    plans nothing that needs them and re-evaluates the plan once they are written."""
+    pairs_file = checkpoints.pairs.get(run=run).output[0]
+    return shards_of(pairs_file, config["runs"][run]["shard_size"])
 
 
 def patch_files(wildcards):

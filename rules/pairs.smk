@@ -1,4 +1,6 @@
-rule pairs:
+# A checkpoint: the run's shards are planned from the pairs it writes (common.smk, shards), so that no
+# patch job is planned for a shard the pairs do not fill.
+checkpoint pairs:
     input:
         facts=facts_file,
         predictions=predictions_input,

@@ -1,8 +1,10 @@
-"""Jobs and model loads: one load per job, every site in one patch job per shard, predictions once per
-model and dataset, and a local checkpoint's files as inputs of the results made from it."""
+"""Jobs and model loads: one load per job, every site in one patch job per shard of the pairs found,
+predictions once per model and dataset, and a local checkpoint's files as inputs of the results made from
+it."""
 
 import copy
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -10,12 +12,13 @@ import torch
 import xarray as xr
 import yaml
 from transformers import LlamaForCausalLM
-from workflow_utils import REPO, TINY, count_model_loads, finished_workflow, snakemake, write_config
+from workflow_utils import (REPO, TINY, count_model_loads, count_model_loads_in, finished_workflow, snakemake,
+                            write_config)
 
 from patch_runs import extract, patch_job, run_intervention
 
 from patchmap import config as cfg
-from patchmap import pairs, predictions, provenance, synthetic
+from patchmap import pairs, predictions, provenance, shards, summary, synthetic
 from patchmap.ablation import ablation_values
 from patchmap.builtin import llama_config, word_tokenizer
 from patchmap.errors import UserError
@@ -30,12 +33,25 @@ JOBS["runs"] = {
 }
 
 
-def readme_model_loads(config):
-    """README, "Jobs and model loads": one load per (model, dataset, dtype) for the predictions, and per
-    run one per shard (the patch jobs), twice that for ablate (its extract jobs)."""
+# the issue's case: a run asks for 1,000 examples of a dataset of 24 facts (6 subjects x 4 relations; with
+# no filler names every fact has a partner), in shards of 8: 24 pairs, 3 shards
+FEW = copy.deepcopy(TINY)
+FEW["datasets"]["few-facts"] = {"synthetic": {**TINY["datasets"]["tiny-facts"]["synthetic"], "subject_sets": 3,
+                                              "max_filler": 0}}
+FEW["runs"] = {"few": {**TINY["runs"]["tiny"], "dataset": "few-facts", "examples": 1000, "shard_size": 8}}
+
+
+def documented_model_loads(config, pairs_found):
+    """docs/workflow.md, "Jobs and model loads": one load per (model, dataset, dtype) for the predictions,
+    and per run one per shard of the pairs it found (the patch jobs), twice that for ablate (its extract
+    jobs). `pairs_found`: {run: its number of pairs}."""
     predictions = {(r["model"], r["dataset"], r["dtype"]) for r in config["runs"].values()}
-    return len(predictions) + sum(cfg.shard_count(r) * (2 if r["intervention"] == "ablate" else 1)
-                                  for r in config["runs"].values())
+    return len(predictions) + sum(shards.count(pairs_found[name], r["shard_size"])
+                                  * (2 if r["intervention"] == "ablate" else 1) for name, r in config["runs"].items())
+
+
+def pairs_found(workdir, config):
+    return {run: xr.load_dataset(workdir / "results" / run / "pairs.nc").attrs["count_pairs"] for run in config["runs"]}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +59,16 @@ def finished_jobs(tmp_path_factory):
     return finished_workflow(tmp_path_factory, "jobs", JOBS)
 
 
-def test_model_loads_follow_the_readme_formula(finished_jobs):
+@pytest.fixture(scope="module")
+def finished_few(tmp_path_factory):
+    return finished_workflow(tmp_path_factory, "few", FEW)
+
+
+def test_model_loads_follow_the_documented_formula(finished_jobs):
     validated = cfg.validate(copy.deepcopy(JOBS))
-    assert readme_model_loads(validated) == 1 + 2 + 2 * 2 + 2
-    assert count_model_loads(finished_jobs) == readme_model_loads(validated)
+    assert pairs_found(finished_jobs, JOBS) == {"swap": 8, "ablated": 8, "knocked": 8}
+    assert documented_model_loads(validated, pairs_found(finished_jobs, JOBS)) == 1 + 2 + 2 * 2 + 2
+    assert count_model_loads(finished_jobs) == documented_model_loads(validated, pairs_found(finished_jobs, JOBS))
     for run in JOBS["runs"]:  # pairing needs the tokenizer only
         assert "loaded model" not in (finished_jobs / "results" / run / "logs" / "pairs.log").read_text()
 
@@ -73,24 +95,80 @@ def test_runs_on_one_model_and_dataset_share_one_prediction(finished_jobs):
         np.testing.assert_array_equal(p["target_p_answer"].values, row["p_answer"].values)
 
 
+def test_a_pairs_file_makes_shards_of_its_pairs_none_of_them_empty(tmp_path):
+    path = tmp_path / "pairs.nc"
+    xr.Dataset({"length": ("example", np.arange(24))}, coords={"example": [f"f{i}" for i in range(24)]}).to_netcdf(
+        path)
+    assert shards.example_count(path) == 24
+    assert list(shards.shards_of(path, 8)) == [0, 1, 2]
+    assert [shards.bounds(24, 10, s) for s in shards.shards_of(path, 10)] == [(0, 10), (10, 20), (20, 24)]
+    assert shards.shortfall(1000, 24, 30) == ("asked for 1,000 examples, found 24 pairs in 30 facts; "
+                                              "the run uses those 24")
+    assert shards.shortfall(24, 24, 30) is None
+
+
+def test_shards_follow_the_pairs_found_not_the_examples_asked_for(finished_few, capsys):
+    results = finished_few / "results" / "few"
+    pairs_log = (results / "logs" / "pairs.log").read_text()
+    line = "asked for 1,000 examples, found 24 pairs in 24 facts; the run uses those 24"
+    assert pairs_log.count(line) == 1 and "24 pairs: 3 shards of 8" in pairs_log
+    # 3 patch jobs, one model load each, and one for the predictions: nothing for the 122 empty shards
+    patch_logs = sorted(p.name for p in (results / "logs" / "patch").iterdir())
+    assert patch_logs == ["0.log", "1.log", "2.log"]
+    assert sorted(p.name for p in (results / "patch").iterdir()) == ["0.nc", "1.nc", "2.nc"]
+    assert [count_model_loads_in(results / "logs" / "patch" / log) for log in patch_logs] == [1, 1, 1]
+    assert count_model_loads(finished_few) == 1 + 3
+    assert count_model_loads(finished_few) == documented_model_loads(cfg.validate(copy.deepcopy(FEW)), {"few": 24})
+    ds = xr.load_dataset(results / "divergence.nc")
+    assert ds.sizes["example"] == 24 and ds.attrs["count_pairs"] == 24
+    assert ds.attrs["count_examples_requested"] == 1000
+    assert ds.attrs[shards.SHORTFALL] == line
+    summary.main([str(results / "divergence.nc")])
+    assert line in capsys.readouterr().out
+
+
+def test_once_the_pairs_exist_a_dry_run_plans_their_shards(finished_few, tmp_path):
+    workdir = tmp_path / "few"
+    shutil.copytree(finished_few, workdir)
+    shutil.rmtree(workdir / "results" / "few" / "patch")
+    (workdir / "results" / "few" / "divergence.nc").unlink()
+    result = snakemake(workdir, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["patch"] == 3 and "pairs" not in counts and "predictions" not in counts
+
+
+def test_a_shard_the_pairs_do_not_fill_fails_before_loading_the_model(finished_few, tmp_path):
+    workdir = tmp_path / "few"
+    shutil.copytree(finished_few, workdir)
+    result = snakemake(workdir, "results/few/patch/3.nc")  # named by hand: the workflow never plans it
+    assert result.returncode != 0
+    log = (workdir / "results" / "few" / "logs" / "patch" / "3.log").read_text()
+    assert "patchmap: run 'few' has no shard 3: its 24 pairs make 3 shards of 8 (0 to 2)" in log
+    assert count_model_loads_in(workdir / "results" / "few" / "logs" / "patch" / "3.log") == 0
+    assert not (workdir / "results" / "few" / "patch" / "3.nc").exists()
+
+
 def job_counts(dry_run_output):
     """{rule: count} from the job-count table of `snakemake --dry-run`."""
     table = dry_run_output[dry_run_output.index("Job stats:"):]
     return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table.split("total")[0], re.M)}
 
 
-def test_paper_config_plans_one_predictions_job_per_model_and_dataset_and_one_patch_job_per_shard(tmp_path):
+def test_paper_config_plans_one_predictions_job_per_model_and_dataset_and_its_shards_after_the_pairs(tmp_path):
     result = snakemake(tmp_path, "--configfile", str(REPO / "config" / "paper.yaml"), "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
     paper = cfg.load(REPO / "config" / "paper.yaml")
     runs = paper["runs"].values()
-    assert counts["predictions"] == len({(r["model"], r["dataset"]) for r in runs})
-    assert counts["patch"] + counts.get("patch_without_extraction", 0) == sum(cfg.shard_count(r) for r in runs)
-    assert counts["extract"] == sum(cfg.shard_count(r) for r in runs if r["intervention"] == "ablate")
+    assert counts["predictions"] == len({(r["model"], r["dataset"], r["dtype"]) for r in runs})
     assert counts["pairs"] == len(runs) and counts["model_identity"] == len({r["model"] for r in runs})
-    model_jobs = counts["predictions"] + counts["extract"] + counts["patch"] + counts["patch_without_extraction"]
-    assert model_jobs == readme_model_loads(paper)
+    assert counts["divergence"] == len(runs)
+    # The shards come from the pairs found (the pairs checkpoint), which the known filter decides on each
+    # model: before the pairs exist, a dry run cannot know them and plans no job that runs a model on a
+    # shard. test_shards_follow_the_pairs_found_not_the_examples_asked_for counts them on a finished run.
+    assert not {"patch", "patch_without_extraction", "extract", "ablation"} & set(counts)
+    assert "checkpoint jobs" in result.stdout
 
 
 @pytest.mark.parametrize("intervention", ["swap", "noise", "knockout"])

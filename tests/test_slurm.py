@@ -22,24 +22,28 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 420  # seconds for one snakemake run; a run whose status checks fail can hang
-# the tiny config of test_workflow.py, with two shards (two GPU group jobs) of two sites, and resources
-# that fit the one-node test cluster (2 CPUs, 2 fake GPUs); device auto (not cpu) makes the model jobs ask
-# for a GPU, and runs on the CPU where CUDA finds none
+# the tiny config of test_workflow.py, with two sites, and resources that fit the one-node test cluster
+# (2 CPUs, 2 fake GPUs); device auto (not cpu) makes the model jobs ask for a GPU, and runs on the CPU
+# where CUDA finds none. The run asks for 1,000 examples of a dataset of 24 facts (6 subjects x 4
+# relations, no filler names: each has a partner) in shards of 12: it finds 24 pairs, so two shards, two
+# GPU group jobs, and none for the shards that 1,000 examples would have made.
 CONFIG = {
     "models": {"tiny": {"builtin": {"dataset": "tiny-facts", "layers": 2, "hidden": 32, "heads": 2, "mlp": 64,
                                     "train": {"max_steps": 20, "schedule_steps": 20, "batch_size": 16, "eval_every": 20,
                                               "target_accuracy": 0.0}},
                         "resources": {"gpus": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}}},
-    "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}}},
+    "datasets": {"tiny-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 10, "orders": 2}},
+                 "few-facts": {"synthetic": {"seed": 1, "name_pool": 8, "subject_sets": 3, "orders": 2,
+                                             "max_filler": 0}}},
     "sites": {"subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
               "attn": {"label": "Attn.", "component": "attn", "positions": "last"}},
-    "runs": {"tiny": {"model": "tiny", "dataset": "tiny-facts", "sites": ["subj", "attn"],
-                      "examples": 12, "shard_size": 6, "batch_size": 4, "known_only": False, "device": "auto"}},
+    "runs": {"tiny": {"model": "tiny", "dataset": "few-facts", "sites": ["subj", "attn"],
+                      "examples": 1000, "shard_size": 12, "batch_size": 4, "known_only": False, "device": "auto"}},
 }
-SHARDS, SITES = 2, 2
-GPU_LOGS = ["results/models/logs/tiny.log", "results/predictions/logs/tiny/tiny-facts/float32.log",
+SHARDS, SITES = 2, 2  # 24 pairs found, in shards of 12
+GPU_LOGS = ["results/models/logs/tiny.log", "results/predictions/logs/tiny/few-facts/float32.log",
             "results/tiny/logs/patch/*.log"]
-CPU_LOGS = ["results/datasets/logs/tiny-facts.facts.log", "results/models/logs/tiny.identity.log",
+CPU_LOGS = ["results/datasets/logs/few-facts.facts.log", "results/models/logs/tiny.identity.log",
             "results/tiny/logs/pairs.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log",
             "results/tiny/logs/lines.log"]
 
@@ -222,6 +226,16 @@ def test_every_job_went_through_sbatch(cluster_runs):
     for log in logs:
         where = re.search(r"SLURM job (\d+)", log.read_text())
         assert where and int(where[1]) in all_jobs, f"{log} was not written in a SLURM job of this test"
+
+
+def test_one_patch_job_per_shard_of_the_pairs_found(cluster_runs):
+    """The run found 24 of the 1,000 examples it asked for: its first submission holds one GPU group job
+    per shard of those 24, and none for an empty shard."""
+    (_, out1, jobs1, _), _ = cluster_runs["runs"]
+    kinds = [re.search(r"slurm_logs/(rule_\w+|group_\w+)/", path)[1] for path in jobs1.values()]
+    assert kinds.count("group_shard_patch") == SHARDS, out1[-3000:]
+    pairs_log = (cluster_runs["cluster"] / "results" / "tiny" / "logs" / "pairs.log").read_text()
+    assert "asked for 1,000 examples, found 24 pairs" in pairs_log and "24 pairs: 2 shards of 12" in pairs_log
 
 
 def test_gpu_rules_got_a_gpu(cluster_runs):

@@ -48,6 +48,11 @@ def finished_workflow(tmp_path_factory, name, config):
 LOADED = re.compile(r"loaded model (.+) in ([0-9.]+) s")
 
 
+def count_model_loads_in(log):
+    """The `loaded model <source> in <seconds> s` lines in one job log."""
+    return len(LOADED.findall(log.read_text()))
+
+
 def count_model_loads(workdir):
-    """The `loaded model <source> in <seconds> s` lines in every job log of a finished workflow."""
-    return sum(len(LOADED.findall(log.read_text())) for log in (workdir / "results").rglob("logs/**/*.log"))
+    """The model loads logged by every job of a finished workflow."""
+    return sum(count_model_loads_in(log) for log in (workdir / "results").rglob("logs/**/*.log"))
