@@ -94,6 +94,10 @@ function fmt(v) {
   return v.toPrecision(4);
 }
 
+function plural(n, noun) {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 function unitText(unit) {
   return unit === "bits" || unit === "nats" ? " " + unit : "";
 }
@@ -206,7 +210,7 @@ class Explorer {
     const ci = this.interval(c);
     const range = ci ? `95% interval ${fmt(ci[0])} to ${fmt(ci[1])} (${ci[2]})` : "no interval (one example)";
     return `${where}<br>mean ${escapeHtml(m.label)}: ${fmt(this.stats.mean[c])}${unitText(m.unit)}<br>${range}` +
-           `<br>n = ${n} example${n === 1 ? "" : "s"}`;
+           `<br>n = ${plural(n, "example")}`;
   }
 
   drawHeatmap() {
@@ -226,10 +230,10 @@ class Explorer {
       y0: this.site - 0.5, y1: this.site + 0.5, line: {color: "#d62728", width: 3}}];
     const trace = {type: "heatmap", z, text, x: [...Array(this.L).keys()], y: [...Array(this.S).keys()],
       hovertemplate: "%{text}<extra></extra>", colorscale: BLUES, zmin: 0, zmax: top || 1, xgap: 1, ygap: 1,
-      colorbar: {title: {text: `mean ${escapeHtml(labelWithUnit(m))}`, side: "right"}}};
+      colorbar: {title: {text: `mean ${escapeHtml(labelWithUnit(m))}`, side: "right"}, exponentformat: "e"}};
     const layout = {
       height: 130 + 34 * this.S, margin: {l: 110, r: 20, t: 30, b: 45},
-      title: {text: `mean ${escapeHtml(m.label)} over ${this.chosen.length} examples`, font: {size: 14}},
+      title: {text: `mean ${escapeHtml(m.label)} over ${plural(this.chosen.length, "example")}`, font: {size: 14}},
       xaxis: {title: {text: "layer"}, tickvals: [...Array(this.L).keys()], ticktext: this.h.layers.map(String),
               fixedrange: true},
       yaxis: {tickvals: [...Array(this.S).keys()], ticktext: this.h.sites.map(escapeHtml), autorange: "reversed",
@@ -261,8 +265,8 @@ class Explorer {
       height: 300, margin: {l: 60, r: 20, t: 40, b: 45}, shapes: marker,
       title: {text: `${escapeHtml(this.h.sites[this.site])}: mean ${escapeHtml(m.label)} per layer, with its 95% ` +
                     "interval", font: {size: 14}},
-      xaxis: {title: {text: "layer"}, zeroline: false, fixedrange: true},
-      yaxis: {title: {text: escapeHtml(labelWithUnit(m))}, fixedrange: true},
+      xaxis: {title: {text: "layer"}, tickvals: x, zeroline: false, fixedrange: true},
+      yaxis: {title: {text: escapeHtml(labelWithUnit(m))}, exponentformat: "e", fixedrange: true},
       legend: {orientation: "h", x: 0, y: 1.12},
     };
     return Plotly.react(this.line, traces, layout, PLOT_CONFIG);
@@ -289,7 +293,7 @@ class Explorer {
     if (this.layer === null) return;
     const m = this.metricInfo(), s = this.site, l = this.layer, c = s * this.L + l;
     document.getElementById("cell-title").textContent =
-      `${this.h.sites[s]}, layer ${this.h.layers[l]}: ${this.chosen.length} examples by ${m.label}, highest first`;
+      `${this.h.sites[s]}, layer ${this.h.layers[l]}: ${plural(this.chosen.length, "example")} by ${m.label}, highest first`;
     const unpatched = this.h.intervention === "noise" ? "clean" : "unpatched";
     const heads = ["#", "example", "target prompt (subject marked)", this.h.source_note ? "source" : "source prompt",
                    "answers", labelWithUnit(m), `p(target answer) ${unpatched} → patched`,

@@ -155,9 +155,11 @@ def notices(ds):
             lines.append(f"site '{site}' has no finite values of {', '.join(empty)}: its row is empty")
     for name in METRICS:
         live = [s for s in ds["site"].values if np.isfinite(ds[name].sel(site=s).values).any()]
-        bad = int((~np.isfinite(ds[name].sel(site=live).values)).sum())
+        values = ds[name].sel(site=live).values
+        bad = int((~np.isfinite(values)).sum())
         if bad:
-            lines.append(f"{bad} values of {name} are not finite (NaN or infinite): means and n leave them out")
+            lines.append(f"not finite (NaN or infinite): {bad} of {values.size} values of {name}; means and n "
+                         "leave them out")
     return lines
 
 
