@@ -368,7 +368,6 @@ async function main() {
       app.select(point.y, point.x);
     });
     status.hidden = true;
-    window.explorer = app;
     window.explorerReady = performance.now();
   } catch (error) {
     status.textContent = `The explorer could not start: ${error.message}`;

@@ -130,7 +130,7 @@ def top_tokens(ds, pairs):
             raise UserError(f"divergence.nc's {name} is {ds[name].dtype} {ds[name].dims}; expected {dims} of "
                             f"{'integers' if kinds == 'i' else 'floats' if kinds == 'f' else 'strings'}")
     for name in ("top_prob", "target_top_prob"):
-        probs = ds[name].values
+        probs = ds[name].transpose(..., "rank").values
         if (np.diff(probs, axis=-1) > 0).any() or (probs < 0).any() or (probs > 1).any():
             raise UserError(f"divergence.nc's {name} is not probabilities from most to least likely")
     ids = np.asarray(ds["token_id"].values, dtype=np.int64)
