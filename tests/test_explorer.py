@@ -412,3 +412,32 @@ def test_input_it_cannot_show_as_usual_is_a_message_not_a_blank_page(finished, d
     pointer(driver, 0, 0, click=True)
     assert len(listed(driver)) == ds.sizes["example"]
     assert console_errors(driver) == []
+
+
+@pytest.mark.parametrize("attrs", [{"intervention": "noise", "noise_scale": 3.0},
+                                   {"intervention": "ablate", "ablation_value": "mean", "window": 3},
+                                   {"intervention": "knockout", "window": 1}], ids=lambda a: a["intervention"])
+def test_without_a_source_prompt_the_list_says_what_takes_its_place(finished, driver, tmp_path, attrs):
+    """The tiny swap run's numbers, labelled as another intervention's: the source column and its header."""
+    workdir, _ = finished
+    run = workdir / "results" / "tiny"
+    ds, pairs = xr.load_dataset(run / "divergence.nc"), xr.load_dataset(run / "pairs.nc")
+    ds.attrs.update(attrs)
+    if attrs["intervention"] == "noise":  # seeds beyond JavaScript's exact integers (2**53)
+        pairs["noise_seed"] = ("example", 2**62 - np.arange(ds.sizes["example"], dtype=np.int64))
+        pairs.attrs["noise_std"] = 0.25
+    (tmp_path / "explorer.html").write_text(explorer.explorer_html(ds, pairs))
+    open_page(driver, tmp_path / "explorer.html")
+    from selenium.webdriver.common.by import By
+
+    pointer(driver, 0, 0, click=True)
+    heads = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#example-table th")]
+    assert heads[3] == "source"
+    assert heads[6].replace("\n", " ") == ("p(target answer) clean → patched" if attrs["intervention"] == "noise"
+                                           else "p(target answer) unpatched → patched")
+    note = explorer.source_note(ds, pairs)
+    for row in driver.find_elements(By.CSS_SELECTOR, "#example-table tbody tr"):
+        seed = pairs["noise_seed"].sel(example=row.get_attribute("data-example")).values if "noise_seed" in pairs else None
+        expected = note + (f"; noise seed {int(seed)}" if seed is not None else "")
+        assert row.find_elements(By.TAG_NAME, "td")[3].text == expected
+    assert console_errors(driver) == []
