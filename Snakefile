@@ -33,6 +33,7 @@ include: "rules/ablation.smk"
 include: "rules/patch.smk"
 include: "rules/divergence.smk"
 include: "rules/plot.smk"
+include: "rules/explorer.smk"
 
 
 report: "report/workflow.rst"
@@ -43,5 +44,10 @@ rule all:
         expand(rules.divergence.output[0], run=config["runs"]),
         expand(rules.heatmap.output, run=config["runs"]),
         expand(rules.lines.output, run=config["runs"]),
+        expand(rules.explorer.output, run=config["runs"]),
         expand(rules.figure.output, figure=config["figures"]),
     default_target: True
+
+
+onsuccess:
+    print(where_to_look(config["runs"]))

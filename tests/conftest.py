@@ -54,7 +54,7 @@ def tiny_model(tiny_model_dir):
 # processes in collection order (--no-loadscope-reorder): these start first and the short files fill in
 # beside them, so that neither process is left running a long file alone at the end.
 LONGEST_FIRST = ["test_known_facts.py", "test_slurm.py", "test_faults.py", "test_jobs.py", "test_user_errors.py",
-                 "test_workflow.py", "test_fast_engine.py", "test_reporting.py"]
+                 "test_workflow.py", "test_explorer.py", "test_fast_engine.py", "test_reporting.py"]
 
 
 def pytest_collection_modifyitems(items):

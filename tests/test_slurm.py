@@ -45,7 +45,7 @@ GPU_LOGS = ["results/models/logs/tiny.log", "results/predictions/logs/tiny/few-f
             "results/tiny/logs/patch/*.log"]
 CPU_LOGS = ["results/datasets/logs/few-facts.facts.log", "results/models/logs/tiny.identity.log",
             "results/tiny/logs/pairs.log", "results/tiny/logs/divergence.log", "results/tiny/logs/heatmap.log",
-            "results/tiny/logs/lines.log"]
+            "results/tiny/logs/lines.log", "results/tiny/logs/explorer.log"]
 
 
 def slurm_problem():
@@ -196,7 +196,7 @@ def test_cancelled_run_fails_and_the_rerun_completes(cluster_runs):
     # the rerun made only what the cancel left unfinished: the cancelled shards, then the summaries
     kinds = sorted(re.search(r"slurm_logs/(rule_\w+|group_\w+)/", path)[1] for path in jobs2.values())
     assert kinds == sorted(["group_shard_patch"] * len(cluster_runs["cancelled"])
-                           + ["rule_divergence", "rule_heatmap", "rule_lines"]), jobs2
+                           + ["rule_divergence", "rule_heatmap", "rule_lines", "rule_explorer"]), jobs2
 
 
 def test_every_job_went_through_sbatch(cluster_runs):
@@ -218,11 +218,11 @@ def test_every_job_went_through_sbatch(cluster_runs):
             assert records[job]["JobState"] == expected, records[job]
         all_jobs.update(jobs)
     # facts, train, model identity, predictions, pairs and the two shard groups, then the rerun's groups,
-    # divergence, heatmap, lines
-    assert len(all_jobs) == 7 + len(cluster_runs["cancelled"]) + 3
+    # divergence, heatmap, lines, explorer
+    assert len(all_jobs) == 7 + len(cluster_runs["cancelled"]) + 4
     logs = [p for p in (cluster_runs["cluster"] / "results").rglob("logs/**/*.log")]
-    # facts/divergence/heatmap/lines, train, identity, predictions, pairs, one patch job per shard
-    assert len(logs) == 4 + 1 + 1 + 1 + 1 + SHARDS
+    # facts/divergence/heatmap/lines/explorer, train, identity, predictions, pairs, one patch job per shard
+    assert len(logs) == 5 + 1 + 1 + 1 + 1 + SHARDS
     for log in logs:
         where = re.search(r"SLURM job (\d+)", log.read_text())
         assert where and int(where[1]) in all_jobs, f"{log} was not written in a SLURM job of this test"
