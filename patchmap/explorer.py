@@ -31,7 +31,7 @@ import xarray as xr
 
 from . import provenance
 from .errors import UserError
-from .quantities import METRICS
+from .quantities import DESCRIPTIONS, METRICS
 from .storage import atomic_path
 
 log = logging.getLogger("patchmap")
@@ -213,7 +213,7 @@ def page_data(ds, pairs, top):
         "site_details": [f"{c} at {p}" for c, p in zip(ds["component"].values, ds["positions"].values)]
         if "component" in ds.coords and "positions" in ds.coords else None,
         "layers": [int(l) for l in ds["layer"].values],
-        "metrics": [{"name": n, "label": LABELS[n], "description": METRICS[n], "unit": ds[n].attrs.get("units", "")}
+        "metrics": [{"name": n, "label": LABELS[n], "description": DESCRIPTIONS[n], "unit": ds[n].attrs.get("units", "")}
                     for n in METRICS],
         "bootstrap": {"low": finite_lists(ds["js_ci_low"]), "high": finite_lists(ds["js_ci_high"])},
         "examples": examples, "tokens": None if top is None else {"ids": top["ids"], "texts": top["texts"]},

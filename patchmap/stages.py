@@ -252,6 +252,12 @@ def lines(divergence_path, png, pdf):
     save_lines(ds, png, pdf, title=f"{ds.attrs['run']}: {ds.attrs['model']}, {provenance.method(ds.attrs)}")
 
 
+def explorer(divergence_path, pairs_path, out):
+    """results/{run}/explorer.html: the run's numbers in one self-contained page."""
+    from .explorer import write_explorer
+    write_explorer(divergence_path, pairs_path, out)
+
+
 def figure(config, figure_name, divergence_paths, png, pdf):
     from .plot import save_grid
     spec = config["figures"][figure_name]

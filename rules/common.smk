@@ -171,3 +171,20 @@ def model_mem_mb(wildcards, attempt):
 
 def model_runtime(wildcards, attempt):
     return model_resources(wildcards)["runtime"] * attempt
+
+
+def where_to_look(runs):
+    """What the workflow prints when it finishes: each finished run's heatmap, explorer and table command."""
+    lines = []
+    for run in runs:
+        divergence = filled(rules.divergence.output[0], run=run)
+        if not os.path.exists(divergence):
+            continue
+        heatmap, explorer = filled(rules.heatmap.output.png, run=run), filled(rules.explorer.output[0], run=run)
+        lines.append(f"patchmap run '{run}':")
+        if os.path.exists(heatmap):
+            lines.append(f"  heatmap   {heatmap}")
+        if os.path.exists(explorer):
+            lines.append(f"  explorer  {explorer}  (open it in a web browser; it needs no server)")
+        lines.append(f"  table     python -m patchmap.summary {divergence}")
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
 from patchmap import stages
-from patchmap.explorer import write_explorer
+from patchmap.runtime import reported_errors
 
-with stages.reported_errors(snakemake.log[0]):
-    write_explorer(snakemake.input.divergence, snakemake.input.pairs, snakemake.output[0])
+with reported_errors(snakemake.log[0]):
+    stages.explorer(snakemake.input.divergence, snakemake.input.pairs, snakemake.output[0])
