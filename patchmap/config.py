@@ -160,7 +160,8 @@ def check_references(config):
         if twice:
             raise ConfigError(("runs", run_name, "sites"), f"site '{twice[0]}' is listed twice")
         for site in run["sites"]:
-            problem = from_run(run).site_problem(site, config["sites"][site]["positions"])
+            spec = config["sites"][site]
+            problem = from_run(run).site_problem(site, spec["positions"], spec["component"])
             if problem:
                 raise ConfigError(("runs", run_name, "sites"), problem)
         model = config["models"][run["model"]]

@@ -130,8 +130,8 @@ class Intervention:
         the written value is no run's activation (no source prefix to share)."""
         return None
 
-    def site_problem(self, site_name, positions):
-        """Why the site cannot be patched (one line), or None."""
+    def site_problem(self, site_name, positions, component=None):
+        """Why the site (its name, position group and component) cannot be patched (one line), or None."""
         return None
 
     def pairs_fields(self, seed, n_pairs, subject_std):
@@ -237,11 +237,14 @@ class Knockout(Intervention):
     def sources(self, pairs, extract, pooled=None):
         return None
 
-    def site_problem(self, site_name, positions):
+    def site_problem(self, site_name, positions, component=None):
         if positions == "all":  # the only group that holds the last token's every key
             return (f"knockout at site '{site_name}' (positions 'all') would block every token the last one "
                     "attends to, which leaves its attention undefined; use a group that keeps some, "
                     "e.g. non_subject")
+        if component == "head":
+            return (f"knockout at site '{site_name}' (component head) would block one head's edges, which "
+                    "patchmap does not do; use component attn (every head's edges)")
         return None
 
 

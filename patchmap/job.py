@@ -57,9 +57,18 @@ class PatchJob:
 
     def site_result(self, site, metrics: dict) -> xr.Dataset:
         """One site's per-example metrics {metric: [example, layer] array} as the dataset both engines
-        return (and stages.stack_sites stacks)."""
+        return (for a head site: one per head, which stack_heads stacks)."""
         data = {k: (("example", "layer"), metrics[k], {"description": DESCRIPTIONS[k]}) for k in METRICS}
         ds = xr.Dataset(data, coords={"example": self.pairs["example"].values, "layer": np.asarray(self.layers)})
         ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                          "positions": site.positions, "js_base": self.js_base, "window": self.window})
         return ds
+
+
+def stack_heads(per_head: list) -> xr.Dataset:
+    """A head site's result from its heads' (site_result of each, in head order): metrics [example, layer,
+    head], with the `head` coordinate (0 = the first query head)."""
+    ds = xr.concat(per_head, dim="head", combine_attrs="override").transpose("example", "layer", "head")
+    ds = ds.assign_coords(head=np.arange(len(per_head)))
+    ds["head"].attrs["description"] = "attention head (query head) index, 0 = first"
+    return ds

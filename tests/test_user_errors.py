@@ -5,6 +5,7 @@ job)."""
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from workflow_utils import REPO, snakemake, snakemake_command, write_config
 
 from patchmap import config as cfg
-from patchmap import models, runtime, storage, synthetic
+from patchmap import layouts, models, runtime, storage, synthetic
 from patchmap.api import patch_heatmap
 from patchmap.encoding import encode_facts
 from patchmap.errors import UserError
@@ -114,7 +115,7 @@ def test_missing_or_empty_fields(tmp_path, row, field):
 # 4. unknown component or position group
 def test_unknown_component_and_position_group():
     assert error_of(with_change(["sites", "subj", "component"], "residual")) == (
-        "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']")
+        "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp', 'head']")
     assert "config error at sites.last.positions: 'final' is not one of ['subject', 'subject_first'" in \
         error_of(with_change(["sites", "last", "positions"], "final"))
 
@@ -284,13 +285,15 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"layers": [7]}, "argument layers: layer 7 is out of range; the model has layers 0 to 2"),
     ({"sites": {}}, "argument sites: {} should be non-empty"),
     ({"sites": {"x": {"component": "residual", "positions": "last"}}},
-     "argument sites.x.component: 'residual' is not one of ['resid', 'attn', 'mlp']"),
+     "argument sites.x.component: 'residual' is not one of ['resid', 'attn', 'mlp', 'head']"),
     ({"sites": {"x": {"component": "resid"}}}, "argument sites.x: 'positions' is a required property"),
     ({"sites": {"a": {"component": "resid", "positions": "last", "label": "L"},
                 "b": {"component": "attn", "positions": "last", "label": "L"}}},
      "argument sites.b: label 'L' is already used by site 'a'"),
     ({"intervention": "knockout", "sites": {"a": {"component": "resid", "positions": "all"}}},
      "argument sites: knockout at site 'a' (positions 'all')"),
+    ({"intervention": "knockout", "sites": {"a": {"component": "head", "positions": "subject"}}},
+     "argument sites: knockout at site 'a' (component head) would block one head's edges"),
     ({"facts": []}, "argument facts: there are no facts"),
     ({"facts": {"subject": "A"}}, "argument facts: expected a list of facts, found an object"),
     ({"facts": [{**GOOD_FACT, "id": 1}, {**GOOD_FACT, "id": "1"}]},
@@ -310,6 +313,16 @@ def test_api_arguments_are_checked_like_a_run(tiny_model, world, arguments, expe
     with pytest.raises(UserError) as error:
         patch_heatmap(model, tokenizer, facts, **arguments)
     assert expected in one_line(error)
+
+
+def test_a_head_site_on_a_family_without_a_known_output_projection(tiny_model, world, monkeypatch):
+    model, tokenizer = tiny_model
+    monkeypatch.setitem(layouts.LAYOUTS, "llama", dataclasses.replace(layouts.LAYOUTS["llama"], out_proj=None))
+    with pytest.raises(UserError) as error:
+        patch_heatmap(model, tokenizer, synthetic.facts(world), sites={"h": {"component": "head", "positions": "last"}},
+                      examples=2, known_only=False, progress=False)
+    assert "component 'head' needs the attention's output projection of 'llama' models, which patchmap's family " \
+           "table (patchmap/layouts.py) does not name; use component attn" in one_line(error)
 
 
 # ---------------------------------------------------------------------------------------------------

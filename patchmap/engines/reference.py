@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from ..encoding import token_lists
 from ..job import PatchJob, window_layers
 from ..metrics import patch_metrics
-from ..models import blocks, input_device
+from ..models import blocks, component_width, input_device
 from ..quantities import METRICS
 from ..sites import site_positions
 from .hooks import hooks, last_logprobs, noise_hooks, pad_batch, position_mask
@@ -16,8 +16,8 @@ from .memory import halve_range, halving_on_out_of_memory
 
 
 def run_reference(job: PatchJob) -> dict:
-    """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job`."""
-    return {site.name: site_metrics(job, site) for site in job.sites}
+    """{site key: per-example metrics [example, layer]} for every site of the PatchJob `job`."""
+    return {site.key: site_metrics(job, site) for site in job.sites}
 
 
 @torch.no_grad()
@@ -34,7 +34,8 @@ def site_metrics(job: PatchJob, site):
         width = max(len(t) for t in targets[a:b])
         noise = job.intervention.target_noise(job.pairs, a, b, width, hidden)
         return patch_batch(job.model, site, job.layers, targets[a:b], pos[a:b],
-                           strategy.reference_values(job.sources, site, pos, width, hidden, a, b),
+                           strategy.reference_values(job.sources, site, pos, width,
+                                                     component_width(job.model, site.component), a, b),
                            job.pairs["target_answer"].values[a:b], job.pairs["source_answer"].values[a:b],
                            job.pad_id, strategy, job.js_base, None if noise is None else noise.to(input_device(job.model)),
                            window=job.window)
@@ -68,7 +69,7 @@ def patch_batch(model, site, layers: list, target_ids: list, position_lists: lis
         source_answer = torch.as_tensor(source_answer, device=target.device)
         per_layer = []
         for layer in layers:
-            edits = strategy.reference_hooks(model, site.component, window_layers(layer, window, n_layers), where,
+            edits = strategy.reference_hooks(model, site, window_layers(layer, window, n_layers), where,
                                              source_values, lengths)
             with hooks(edits):
                 patched = last_logprobs(model, ids, mask, pos, lengths,

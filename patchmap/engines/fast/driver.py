@@ -49,17 +49,17 @@ class PatchedRuns:
 
 @torch.no_grad()
 def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
-    """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job` (each run
-    edits every layer of window_layers(layer, window), as the intervention's strategy says), from one clean
-    run per batch of examples shared by every site. `engine` reuses a FastEngine (its stats then count this
+    """{site key (Site.key): per-example metrics [example, layer]} for every site of the PatchJob `job` (each
+    run edits every layer of window_layers(layer, window), as the intervention's strategy says), from one
+    clean run per batch of examples shared by every site. `engine` reuses a FastEngine (its stats then count this
     job too); else one is made with `options` (max_tokens, fail_above, spans)."""
     # 1. what every batch needs: prompts, the sites' positions, answers, where runs may share the source's prefix
     engine = engine or FastEngine(job.model, **options)
     pairs, n = job.pairs, job.n_examples
     targets = token_lists(pairs, "target_ids")
     lengths = [len(t) for t in targets]
-    positions = {s.name: site_positions(pairs, s) for s in job.sites}
-    results = {s.name: {k: np.zeros((n, len(job.layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
+    positions = {s.key: site_positions(pairs, s) for s in job.sites}
+    results = {s.key: {k: np.zeros((n, len(job.layers)), np.int8 if k == "flip" else np.float32) for k in METRICS}
                for s in job.sites}
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.output_device) for r in ("target", "source")]
     same_until = job.intervention.same_until(pairs, targets, token_lists(pairs, "source_ids"))
@@ -85,16 +85,16 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
         # 3. ... the patched runs of every site ...
         patched = []
         for number, site in enumerate(job.sites):
-            here = positions[site.name][a:b]
+            here = positions[site.key][a:b]
             spans = schedule.spans(site, here, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else same_until[a:b], use_prefix and engine.spans)
             patched += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
-            unpatched(batch, here, job.js_base, results[site.name])
+            unpatched(batch, here, job.js_base, results[site.key])
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
         bar.update(b - a)
     bar.close()
-    return {site.name: job.site_result(site, results[site.name]) for site in job.sites}
+    return {site.key: job.site_result(site, results[site.key]) for site in job.sites}
 
 
 def extracted_layers(job: PatchJob, n_layers: int) -> set:
@@ -187,4 +187,4 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         for number in np.unique(sites_here):
             mine = sites_here == number
             for k, v in metrics.items():
-                results[job.sites[number].name][k][ex_index[mine], li_index[mine]] = v[mine]
+                results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]

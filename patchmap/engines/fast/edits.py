@@ -11,7 +11,6 @@ one clean batch join the block calls and what each call does to them.
 import numpy as np
 import torch
 
-from ... import models
 from .blocks import write_rows
 
 
@@ -63,7 +62,7 @@ class WriteRuns:
         write = None if self.into_output else self._writes(group, runs, n, block)
         if write is None:
             return {}
-        return {"write": (models.component_module(self.engine.model, self.component, block), *write)}
+        return {"write": (self.component, *write)}
 
     def after_block(self, hidden: torch.Tensor, group, runs: list, n: int, block: int) -> torch.Tensor:
         """hidden [R, W, H] after the block: for resid, the source written into the runs' block output."""
