@@ -42,6 +42,6 @@ rule all:
     input:
         expand(rules.divergence.output[0], run=config["runs"]),
         expand(rules.heatmap.output, run=config["runs"]),
-        expand(rules.lines.output, run=config["runs"]),
+        expand(rules.lines.output, run=cfg.runs_with_site_rows(config)),
         expand(rules.figure.output, figure=config["figures"]),
     default_target: True

@@ -140,6 +140,9 @@ def check_references(config):
             if run not in config["runs"]:
                 raise ConfigError(("figures", name, "runs"), f"run '{run}' is not defined; defined runs: "
                                   + ", ".join(config["runs"]))
+            if run not in runs_with_site_rows(config):
+                raise ConfigError(("figures", name, "runs"), f"run '{run}' has head sites only; figures show "
+                                  f"site x layer heatmaps (its head heatmaps are in results/{run}/heatmap.png)")
     labels = {}
     for name, site in config["sites"].items():
         label = site.get("label", name)
@@ -191,6 +194,13 @@ def check_dataset_files(config):
             raise UserError(f"dataset path '{path}' is a folder (datasets.{name}.path); give the dataset file")
         if not Path(path).exists():
             raise UserError(f"dataset file '{path}' does not exist (datasets.{name}.path)")
+
+
+def runs_with_site_rows(config):
+    """The runs with a site without heads, a row of the site x layer heatmap: these have a lines plot and
+    may be drawn in figures (a head site's results are head x layer)."""
+    return [name for name, run in config["runs"].items()
+            if any(config["sites"][site]["component"] != "head" for site in run["sites"] if site in config["sites"])]
 
 
 def run_sites(config, run_name):

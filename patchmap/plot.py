@@ -1,4 +1,5 @@
-"""The paper-style heatmap: rows = sites in config order, columns = layers, colour = mean JS."""
+"""The paper-style heatmap: rows = sites in config order, columns = layers, colour = mean JS; beside it, for
+each head site (patchmap.heads), rows = heads, columns = layers."""
 
 import matplotlib
 
@@ -32,12 +33,47 @@ def _save(fig, png, pdf):
     plt.close(fig)
 
 
+def draw_head_heatmap(ax, ds, head_site):
+    """One head site's mean JS: rows = heads, columns = layers."""
+    values = ds["head_js_mean"].sel(head_site=head_site).transpose("head", "layer").values
+    layers, heads = ds["layer"].values, ds["head"].values
+    image = ax.imshow(values, cmap="Blues", aspect="auto", interpolation="nearest", vmin=0.0)
+    for axis, ticks, labels in ((ax.set_xticks, layers, layers), (ax.set_yticks, heads, heads)):
+        step = max(1, int(np.ceil(len(ticks) / 16)))
+        axis(range(0, len(ticks), step), [str(t) for t in labels[::step]])
+    ax.set_xlabel("Layer")
+    ax.set_ylabel("Head")
+    ax.set_title(str(head_site))
+    ax.tick_params(length=0)
+    return image
+
+
 def save_heatmap(ds, png, pdf, vmin=None, vmax=None, title=None):
+    """The site x layer heatmap, and beside it a head x layer heatmap of each head site (each panel on its
+    own colour scale)."""
+    head_sites = list(ds["head_site"].values) if "head_site" in ds.dims else []
+    if head_sites:
+        save_with_heads(ds, head_sites, png, pdf, title)
+        return
     n_layers, n_sites = ds.sizes["layer"], ds.sizes["site"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * n_layers + 2.2), 0.45 * n_sites + 1.3))
     image = draw_heatmap(ax, ds, vmin, vmax, title)
     fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
     fig.tight_layout()
+    _save(fig, png, pdf)
+
+
+def save_with_heads(ds, head_sites, png, pdf, title=None):
+    n_layers = ds.sizes["layer"]
+    panels = [None] * ("site" in ds.dims) + head_sites  # None: the site x layer heatmap
+    width = max(4.0, 0.32 * n_layers + 2.2)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(width * len(panels), max(2.4, 0.22 * ds.sizes["head"] + 1.3)))
+    for ax, panel in zip(axes[0], panels):
+        image = draw_heatmap(ax, ds, title="Sites") if panel is None else draw_head_heatmap(ax, ds, panel)
+        fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
+    if title:
+        fig.suptitle(title)
     _save(fig, png, pdf)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import xarray as xr
 
 from . import config as cfg
-from . import provenance, synthetic
+from . import heads, provenance, synthetic
 from .facts import check_sha256, download, load_jsonl, read_facts, sha256_file, write_jsonl
 from .errors import UserError
 from .interventions import from_run
@@ -182,12 +182,19 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     write_netcdf(stack_sites(run_patch_job(job, engine=run["engine"]), sites), out)
 
 
+STACKED = ("label", "component", "positions")  # the per-site coordinates of a shard's patch file
+
+
 def stack_sites(per_site, sites):
-    """One shard's per-site metrics (example x layer each) as one dataset with a `site` dimension (site names)."""
-    ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in sites], dim="site", join="exact")
-    ds = ds.assign_coords(site=[s.name for s in sites], label=("site", [s.label for s in sites]),
-                          component=("site", [s.component for s in sites]),
-                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer")
+    """One shard's per-site metrics (example x layer each; x head for a head site) as one dataset with a
+    `site` dimension (site names); head sites along `head_site` (patchmap.heads)."""
+    def stack(group):
+        ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in group], dim="site", join="exact")
+        return ds.assign_coords(site=[s.name for s in group], label=("site", [s.label for s in group]),
+                                component=("site", [s.component for s in group]),
+                                positions=("site", [s.positions for s in group])).transpose("example", "site", "layer", ...)
+
+    ds = heads.joined(stack, sites)
     ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})
     return ds
 
@@ -199,8 +206,7 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
     run = config["runs"][run_name]
     sites = cfg.run_sites(config, run_name)
     shards = [xr.load_dataset(p) for p in patch_paths]
-    per_site = {s.name: [ds.drop_vars(["label", "component", "positions"]).sel(site=s.name, drop=True)
-                         for ds in shards] for s in sites}
+    per_site = {s.name: [heads.one_site(ds, s, STACKED) for ds in shards] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
     pairs_ds = xr.load_dataset(pairs_path)
     for var in ("target_prompt", "source_prompt", "target_attribute", "source_attribute", "relation"):

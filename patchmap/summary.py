@@ -1,6 +1,6 @@
 """The numbers behind a heatmap, as text: `python -m patchmap.summary results/default/divergence.nc`
-prints the mean JS of each site and layer, the pair counts, and how the default figure's three rows
-compare with JS(source, target)."""
+prints the mean JS of each site and layer (and of each head site's heads), the pair counts, and how the
+default figure's three rows compare with JS(source, target)."""
 
 import argparse
 
@@ -14,6 +14,14 @@ def js_table(ds, digits=2):
     frame = ds["js_mean"].to_pandas().round(digits)
     frame.columns = [str(c) for c in frame.columns]
     frame.columns.name = "layer"
+    return frame.to_string()
+
+
+def head_table(ds, head_site, digits=2):
+    """A head site's head_js_mean as text: one row per layer, one column per head."""
+    frame = ds["head_js_mean"].sel(head_site=head_site).to_pandas().round(digits)
+    frame.columns = [str(c) for c in frame.columns]
+    frame.columns.name = "head"
     return frame.to_string()
 
 
@@ -61,9 +69,12 @@ def main(argv=None):
     parser.add_argument("divergence", help="a divergence.nc written by the workflow or patch_heatmap")
     args = parser.parse_args(argv)
     ds = xr.load_dataset(args.divergence)
-    print(js_table(ds))
+    if "site" in ds.dims:
+        print(js_table(ds))
+    for head_site in ds["head_site"].values if "head_site" in ds.dims else []:
+        print(f"{head_site}: mean JS per layer and head\n{head_table(ds, head_site)}")
     print("pairs:", ", ".join(f"{k} {v}" for k, v in counts(ds).items()))
-    sites = list(ds["site"].values)
+    sites = list(ds["site"].values) if "site" in ds.dims else []
     if SUBJECT in sites and LAST in sites:
         js_mean = ds["js_mean"]
         print(f"mean JS(source, target) = {LAST} at the last layer = {plateau(js_mean):.3f}; "
