@@ -29,17 +29,17 @@ RUN = "patch_heatmap"  # the name of the run that the arguments make up, for the
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
                   js_base=2, known_only=True, intervention="swap", noise_scale=3.0, value="mean", window=1,
-                  progress=True, engine="fast", pairing="subject"):
+                  progress=True, engine="fast", pairing="subject", noise_samples=1):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
     `intervention` is a name ("swap", the default, "noise", "ablate", "knockout": with `pairing`,
-    `noise_scale` or `value` as in a run's config) or an Intervention object with its own parameters;
-    `engine` is "fast" (the default) or "reference". The arguments are checked as a run of the
+    `noise_scale`, `noise_samples` or `value` as in a run's config) or an Intervention object with its own
+    parameters; `engine` is "fast" (the default) or "reference". The arguments are checked as a run of the
     workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
     given = intervention if isinstance(intervention, Intervention) else None
     run = {"layers": layers, "examples": examples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
            "known_only": known_only, "intervention": "swap" if given else intervention, "noise_scale": noise_scale,
-           "value": value, "window": window, "engine": engine, "pairing": pairing}
+           "value": value, "window": window, "engine": engine, "pairing": pairing, "noise_samples": noise_samples}
     # 1. the arguments, checked as a run of the config; the facts, as a dataset file's rows
     run, site_specs = check_arguments(run, DEFAULT_SITES if sites is None else sites)
     facts = check_facts(_as_list(facts), "patch_heatmap: argument facts")

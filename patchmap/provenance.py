@@ -26,12 +26,15 @@ def package_versions():
 
 
 def method(attrs):
-    """A short description of a result's intervention, e.g. 'ablate (mean), window 3'."""
+    """A short description of a result's intervention, e.g. 'ablate (mean), window 3' or 'noise, window 10,
+    10 noise samples'."""
     text = attrs["intervention"]
     if attrs.get("ablation_value"):
         text += f" ({attrs['ablation_value']})"
     if int(attrs.get("window", 1)) > 1:
         text += f", window {attrs['window']}"
+    if int(attrs.get("noise_samples", 1)) > 1:
+        text += f", {attrs['noise_samples']} noise samples"
     return text
 
 

@@ -16,8 +16,9 @@ HEAD_SITES = [Site(f"head-{p}", f"head@{p}", "head", p) for p in ("subject", "su
 
 
 def run_intervention(name="swap", **settings):
-    """The intervention `name` as a run with `settings` (pairing, noise_scale, value) makes it."""
-    return from_run({"intervention": name, "pairing": "subject", "noise_scale": 3.0, "value": "mean", **settings})
+    """The intervention `name` as a run with `settings` (pairing, noise_scale, noise_samples, value) makes it."""
+    return from_run({"intervention": name, "pairing": "subject", "noise_scale": 3.0, "noise_samples": 1,
+                     "value": "mean", **settings})
 
 
 def all_layers(model):

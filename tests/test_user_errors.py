@@ -274,6 +274,7 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"window": 0}, "argument window: 0 is less than the minimum of 1"),
     ({"js_base": 3}, "argument js_base: 3 is not one of [2, 'e']"),
     ({"noise_scale": -1}, "argument noise_scale: -1 is less than or equal to the minimum of 0"),
+    ({"intervention": "noise", "noise_samples": 0}, "argument noise_samples: 0 is less than the minimum of 1"),
     ({"seed": -1}, "argument seed: -1 is less than the minimum of 0"),
     ({"intervention": "swop"}, "argument intervention: 'swop' is not one of"),
     ({"engine": "turbo"}, "argument engine: 'turbo' is not one of ['fast', 'reference']"),
@@ -569,6 +570,7 @@ def _rename_run(name):
     def change(config):
         config["runs"][name] = config["runs"].pop("r")
     return change
+
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -57,7 +57,7 @@ class Write:
     def fast_runs(self, engine, sources, site, batch, positions: list) -> WriteRuns:
         """The fast engine's runs of `site` on a clean batch (patchmap.engines.fast.driver.Batch); `positions`:
         the site's in each of its examples."""
-        return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine),
+        return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine, batch.samples),
                          self.combine_at(engine.model, site))
 
 

@@ -1,6 +1,7 @@
 """The fast engine's driver: a PatchJob batch by batch (one clean run per batch, shared by every site),
 site by site (the runs of each site's schedule through the block calls), then one output-embedding pass
-over every run of the batch for the logits and metrics."""
+over every run of the batch for the logits and metrics. With noise samples (patchmap.engines.samples) a
+batch's rows are the copies of its examples, and the metrics are those of the copies' mean distribution."""
 
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ...quantities import METRICS
 from ...sites import site_positions
 from ..hooks import check_finite
 from ..memory import halve_range, halving_on_out_of_memory
+from ..samples import copies, mean_distribution, side_by_side
 from . import runs, schedule
 from .blocks import FastEngine
 from .clean import CleanRun
@@ -29,13 +31,16 @@ HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
 @dataclass
 class Batch:
-    """Examples a..b of a job, with their clean run: what the runs of every site on them share."""
+    """Examples a..b of a job, with their clean run: what the runs of every site on them share. The clean
+    run's rows are the examples' `samples` copies each (rows e x samples + k)."""
     a: int
     b: int
     clean: CleanRun
-    lengths: list        # [B] prompt lengths
+    lengths: list        # [B x samples] prompt lengths, per clean-run row
     answers: list        # [target answers [B], source answers [B]], on the output device
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
+    samples: int         # copies of each example
+    target: torch.Tensor  # [B, V] the unpatched target's log-probs (of its copies' mean distribution)
 
 
 @dataclass
@@ -67,28 +72,33 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
     available = extracted_layers(job, engine.n_layers)
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not job.progress)
 
+    samples = job.intervention.samples
+
     def clean_run(examples):
         a, b = examples
         noise = job.intervention.target_noise(pairs, a, b, max(lengths[a:b]), job.model.config.hidden_size)
-        return engine.clean_run(targets[a:b], job.pad_id, noise)
+        return engine.clean_run(copies(targets[a:b], samples), job.pad_id, noise)
 
-    # 2. batch by batch: the clean run (halved if it runs out of memory) ...
+    # 2. batch by batch: the clean run of every copy (halved if it runs out of memory) ...
     for (a, b), clean in halving_on_out_of_memory(
             job.batches(), clean_run, halve_range, lambda ab: f"in the clean run of examples {ab[0]}-{ab[1] - 1}",
-            on_retry=lambda ab: engine.shrink_budget(sum(lengths[ab[0]:ab[1]]))):
+            on_retry=lambda ab: engine.shrink_budget(samples * sum(lengths[ab[0]:ab[1]]))):
         use_prefix = len(clean.keys_values) == engine.n_layers
         if not use_prefix and "prefix" not in engine.warned:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
-        batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix)
-        # 3. ... the patched runs of every site ...
+        batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
+                      mean_distribution(clean.target, samples))
+        # 3. ... the patched runs of every site (positions per clean-run row) ...
         patched = []
         for number, site in enumerate(job.sites):
             here = positions[site.key][a:b]
-            spans = schedule.spans(site, here, batch.lengths, first, available, engine.n_layers,
-                                   None if same_until is None else same_until[a:b], use_prefix and engine.spans)
-            patched += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
+            rows = copies(here, samples)
+            spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
+                                   None if same_until is None else copies(same_until[a:b], samples),
+                                   use_prefix and engine.spans)
+            patched += site_runs(engine, job, batch, number, positions=rows, spans=spans, first=first)
             unpatched(batch, here, job.js_base, results[site.key])
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
@@ -112,11 +122,10 @@ def extracted_layers(job: PatchJob, n_layers: int) -> set:
 
 def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
     """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
-    clean, answers, a = batch.clean, batch.answers, batch.a
+    target, answers, a = batch.target, batch.answers, batch.a
     for e, ps in enumerate(positions):
         if not ps:
-            same = patch_metrics(clean.target[e:e + 1], clean.target[e:e + 1], answers[0][e:e + 1],
-                                 answers[1][e:e + 1], base)
+            same = patch_metrics(target[e:e + 1], target[e:e + 1], answers[0][e:e + 1], answers[1][e:e + 1], base)
             for k, v in same.items():
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
@@ -158,16 +167,17 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int,
 def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
     """Logits, their non-finite check and the metrics of every PatchedRuns of a clean batch, in chunks of
     rows (one output-embedding call for many sites and layers), into `results` {site: {metric: [example,
-    layer]}}."""
+    layer]}}; with noise samples, the metrics of each run's copies' mean distribution."""
     if not patched:
         return
-    clean, answers, a = batch.clean, batch.answers, batch.a
+    answers, a, samples = batch.answers, batch.a, batch.samples
     site_of = torch.cat([torch.full((len(p.rows),), p.site_number, dtype=torch.long) for p in patched])
     rows = torch.cat([p.rows for p in patched])
     layer_ids = torch.cat([p.layer_ids for p in patched])
     hidden = torch.cat([p.hidden for p in patched])
+    site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
+    step = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
         logprobs = engine.head(hidden[part])  # [step, V]
@@ -179,11 +189,12 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         check_finite(logprobs, where)
         for r in range(0, len(logprobs), ROWS):  # in place, in cache-sized pieces
             logprobs[r:r + ROWS] = torch.log_softmax(logprobs[r:r + ROWS], dim=-1)
-        here = rows[part].to(logprobs.device)
+        logprobs, part = mean_distribution(logprobs, samples), slice(c, c + step, samples)  # a row per run
+        here = rows[part].to(logprobs.device) // samples
         metrics = {k: v.cpu().numpy() for k, v in
-                   patch_metrics(logprobs, clean.target[here], answers[0][here], answers[1][here], job.js_base).items()}
+                   patch_metrics(logprobs, batch.target[here], answers[0][here], answers[1][here], job.js_base).items()}
         sites_here = site_of[part].numpy()
-        ex_index, li_index = a + rows[part].cpu().numpy(), layer_ids[part].cpu().numpy()
+        ex_index, li_index = a + here.cpu().numpy(), layer_ids[part].cpu().numpy()
         for number in np.unique(sites_here):
             mine = sites_here == number
             for k, v in metrics.items():

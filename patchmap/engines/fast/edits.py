@@ -15,11 +15,14 @@ from .blocks import write_rows
 
 
 class Sources:
-    """The source activations of one site for the examples a..b of a clean batch, by model layer."""
+    """The source activations of one site for the examples a..b of a clean batch, by model layer: one row
+    per clean-run row (each example's `samples` copies share its source)."""
 
-    def __init__(self, acts, site, a: int, b: int, engine):
+    def __init__(self, acts, site, a: int, b: int, engine, samples: int = 1):
         self.values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
             engine.device, engine.dtype)                                     # [B, layer, slot, H]
+        if samples > 1:
+            self.values = self.values.repeat_interleave(samples, dim=0)     # [B x samples, layer, slot, H]
         self.index = {int(layer): i for i, layer in enumerate(acts["layer"].values)}
 
     def __call__(self, rows: torch.Tensor, slots: torch.Tensor, layer: int) -> torch.Tensor:
