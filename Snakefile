@@ -33,6 +33,7 @@ include: "rules/ablation.smk"
 include: "rules/patch.smk"
 include: "rules/divergence.smk"
 include: "rules/plot.smk"
+include: "rules/trace.smk"
 
 
 report: "report/workflow.rst"
@@ -44,4 +45,5 @@ rule all:
         expand(rules.heatmap.output, run=config["runs"]),
         expand(rules.lines.output, run=cfg.runs_with_site_rows(config)),
         expand(rules.figure.output, figure=config["figures"]),
+        [expand(rules.trace_figure.output, trace=trace, fact=fact) for trace, fact in traced_facts()],
     default_target: True

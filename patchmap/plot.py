@@ -25,7 +25,7 @@ def draw_heatmap(ax, ds, vmin=None, vmax=None, title=None):
     return image
 
 
-def _save(fig, png, pdf):
+def save_figure(fig, png, pdf):
     """PNG and PDF, without creation dates, so that the same numbers give the same bytes."""
     for path, fmt, metadata in ((png, "png", {"Software": None}), (pdf, "pdf", {"CreationDate": None})):
         with atomic_path(path) as tmp:
@@ -60,7 +60,7 @@ def save_heatmap(ds, png, pdf, vmin=None, vmax=None, title=None):
     image = draw_heatmap(ax, ds, vmin, vmax, title)
     fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)
 
 
 def save_with_heads(ds, head_sites, png, pdf, title=None):
@@ -74,7 +74,7 @@ def save_with_heads(ds, head_sites, png, pdf, title=None):
         fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
     if title:
         fig.suptitle(title)
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)
 
 
 def save_lines(ds, png, pdf, title=None):
@@ -91,7 +91,7 @@ def save_lines(ds, png, pdf, title=None):
     ax.legend(frameon=False)
     ax.set_title(title or "")
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)
 
 
 def save_grid(datasets, titles, png, pdf, columns=2):
@@ -107,4 +107,4 @@ def save_grid(datasets, titles, png, pdf, columns=2):
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, label="Avg JS Divergence", fraction=0.04, pad=0.02, shrink=0.8)
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)

@@ -74,6 +74,20 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
     return attrs
 
 
+def trace_attributes(config, trace_name, identity, facts_sha256):
+    """What a trace's file records besides its own settings: the model (source, weights sha256 or hub commit),
+    the dataset and its facts' sha256, the trace's config as YAML, and the package versions."""
+    spec = config["traces"][trace_name]
+    used = {"trace": {trace_name: spec}, "model": {spec["model"]: config["models"][spec["model"]]}}
+    attrs = {"trace": trace_name, "model": spec["model"], "model_source": identity["source"],
+             "model_revision": config["models"][spec["model"]].get("revision") or "",
+             "model_weights_sha256": identity["weights_sha256"] or "", "model_commit": identity["commit"],
+             "dataset": spec.get("dataset", ""), "facts_sha256": facts_sha256, "dtype": spec["dtype"],
+             "config_yaml": yaml.safe_dump(used, sort_keys=False)}
+    attrs.update({f"version_{k}": v for k, v in package_versions().items()})
+    return attrs
+
+
 def weights_sha256(source):
     """sha256 over the weight files of a local checkpoint (in name order); None for a hub id."""
     return checkpoint_sha256s(source)[0] if Path(source).expanduser().is_dir() else None

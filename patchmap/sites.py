@@ -16,6 +16,7 @@ from .schema import allowed
 
 COMPONENTS = allowed("sites", "component")
 POSITION_GROUPS = allowed("sites", "positions")
+TRACED = "traced"  # a trace's group (not a config's): each example's own token, the pairs' `traced_position`
 
 
 @dataclass(frozen=True)
@@ -72,5 +73,7 @@ def positions(group: str, length: int, subject_start: int, subject_end: int) -> 
 
 def site_positions(pairs, site: Site) -> list:
     """Token positions of `site` in each example of a pairs dataset (identical in target and source)."""
+    if site.positions == TRACED:
+        return [[int(p)] for p in pairs["traced_position"].values]
     return [positions(site.positions, int(n), int(a), int(b))
             for n, a, b in zip(pairs["length"].values, pairs["subject_start"].values, pairs["subject_end"].values)]

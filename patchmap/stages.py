@@ -12,7 +12,7 @@ from pathlib import Path
 import xarray as xr
 
 from . import config as cfg
-from . import heads, provenance, synthetic
+from . import heads, provenance, synthetic, tracefacts
 from .facts import check_sha256, download, load_jsonl, read_facts, sha256_file, write_jsonl
 from .errors import UserError
 from .interventions import from_run
@@ -241,3 +241,32 @@ def figure(config, figure_name, divergence_paths, png, pdf):
     datasets = [xr.load_dataset(p) for p in divergence_paths]
     titles = [f"{ds.attrs['run']}: {ds.attrs['model']}, {provenance.method(ds.attrs)}" for ds in datasets]
     save_grid(datasets, titles, png, pdf, spec["columns"])
+
+
+def trace(config, trace_name, facts_path, identity_path, out):
+    """results/traces/{trace}/trace.nc: the token trace of every fact of a trace (patchmap.traces), with one
+    model load: a netCDF group per fact (named after it), the provenance in the root group. `facts_path`:
+    the facts of the trace's dataset (None for a trace without one)."""
+    from tqdm.auto import tqdm
+
+    from .traces import TraceSettings, trace_fact
+    spec = config["traces"][trace_name]
+    dataset = load_jsonl(facts_path) if facts_path else []
+    facts = [tracefacts.fact_and_source(spec, name, dataset, f"trace '{trace_name}'")
+             for name in tracefacts.names(spec)]  # a fact id not in the dataset stops here, before the model loads
+    model, tokenizer = load_model(config["models"][spec["model"]], identity_path, spec["dtype"], spec["device"])
+    log.info("tracing %d facts with %s: %s", len(facts), spec["intervention"],
+             ", ".join(f"{c} (window {spec['window'][c]})" for c in spec["components"]))
+    groups = {}
+    for name, (index, fact, source) in zip(tqdm(tracefacts.names(spec), desc="trace", unit="fact"), facts):
+        groups[name] = trace_fact(model, tokenizer, fact, source, TraceSettings.from_spec(spec),
+                                  noise_facts=dataset or tracefacts.inline_facts(spec), index=index, progress=False)
+    root = xr.Dataset(attrs=provenance.trace_attributes(config, trace_name, read_identity(identity_path),
+                                                        sha256_file(facts_path) if facts_path else ""))
+    write_netcdf(xr.DataTree.from_dict({"/": root, **{f"/{name}": ds for name, ds in groups.items()}}), out)
+
+
+def trace_figure(trace_path, fact_name, png, pdf):
+    """One traced fact's figure in ROME's layout, from its group of the trace's file."""
+    from .plot_trace import save_trace
+    save_trace(xr.load_dataset(trace_path, group=fact_name), png, pdf)

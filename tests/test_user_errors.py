@@ -439,6 +439,18 @@ def test_broken_model_folder_in_the_workflow(tmp_path):
     assert trusted_results(tmp_path) == ["datasets/d/facts.jsonl"]
 
 
+def test_a_trace_naming_a_fact_not_in_its_dataset_in_the_workflow(tmp_path, tiny_model_dir):
+    config = copy.deepcopy(PATH_RUN)
+    config["models"]["m"]["path"] = str(tiny_model_dir)
+    config["traces"] = {"t": {"model": "m", "dataset": "d", "facts": ["0", "nope"]}}
+    (tmp_path / "facts.jsonl").write_text(json.dumps(GOOD_FACT) + "\n")
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "results/traces/t/trace.nc")
+    assert_one_clear_line(result, "patchmap: trace 't': fact id 'nope' is not in the dataset (1 facts; ids like 0)")
+    assert "loaded model" not in (tmp_path / "results/traces/t/logs/trace.log").read_text()  # refused before
+    assert not (tmp_path / "results/traces/t/trace.nc").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 4. Dataset files
 
@@ -572,6 +584,11 @@ def _rename_run(name):
     return change
 
 
+def _trace(**settings):
+    def change(config):
+        config["traces"] = {"t": {"model": "m", "dataset": "d", "facts": ["f1"], **settings}}
+    return change
+
 
 @pytest.mark.parametrize("change, expected", [
     (_run_change(seed=-1), "config error at runs.r.seed: -1 is less than the minimum of 0"),
@@ -587,6 +604,19 @@ def _rename_run(name):
     (_rename_run("README.md"), "config error at runs.README.md: the run name 'README.md' is taken"),
     (lambda c: c["models"].update(logs={"builtin": {"dataset": "d"}}) or c["datasets"].update(d={"synthetic": {}}),
      "config error at models.logs: the model name 'logs' is taken by results/models/logs"),
+    (_rename_run("traces"), "config error at runs.traces: the run name 'traces' is taken by results/traces"),
+    (_trace(window={"mlp": 0}), "config error at traces.t.window.mlp: 0 is less than the minimum of 1"),
+    (_trace(window={"resid": 0}), "config error at traces.t.window.resid: 0 is less than the minimum of 1"),
+    (_trace(facts=[{"subject": "Zed", "prompt": "Abel Bran lives in", "attribute": "Rome"}]),
+     "config error at traces.t.facts.0: subject 'Zed' does not occur in the prompt 'Abel Bran lives in'"),
+    (_trace(intervention="swap", facts=["f1", {"id": "f2", "source": {"subject": "Zed", "prompt": "Abel is",
+                                                                        "attribute": "x"}}]),
+     "config error at traces.t.facts.0: a swap trace patches each fact with its `source`"),
+    (_trace(facts=[{"id": "f2", "source": "f1"}]), "config error at traces.t.facts.0: `source` is for swap traces"),
+    (_trace(dataset="nope"), "config error at traces.t.dataset: 'nope' is not defined; defined datasets: d"),
+    (_trace(components=["resid", "head"]), "config error at traces.t.components.1: 'head' is not one of"),
+    (lambda c: _trace()(c) or c["traces"]["t"].pop("dataset"),
+     "config error at traces.t.facts.0: fact id 'f1' needs the trace's `dataset`"),
 ])
 def test_config_corners(change, expected):
     config = copy.deepcopy(PATH_RUN)
