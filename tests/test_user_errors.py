@@ -605,6 +605,8 @@ def _trace(**settings):
     (lambda c: c["models"].update(logs={"builtin": {"dataset": "d"}}) or c["datasets"].update(d={"synthetic": {}}),
      "config error at models.logs: the model name 'logs' is taken by results/models/logs"),
     (_rename_run("traces"), "config error at runs.traces: the run name 'traces' is taken by results/traces"),
+    (lambda c: c["sites"].update(h={"component": "head", "positions": "last"}) or c["runs"]["r"].update(sites=["h"])
+     or c.update(figures={"f": {"runs": ["r"]}}), "config error at figures.f.runs: run 'r' has head sites only"),
     (_trace(window={"mlp": 0}), "config error at traces.t.window.mlp: 0 is less than the minimum of 1"),
     (_trace(window={"resid": 0}), "config error at traces.t.window.resid: 0 is less than the minimum of 1"),
     (_trace(facts=[{"subject": "Zed", "prompt": "Abel Bran lives in", "attribute": "Rome"}]),
