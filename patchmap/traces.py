@@ -95,6 +95,10 @@ def trace_fact(model, tokenizer, fact: dict, source: dict, settings: TraceSettin
     # 1. the fact (and its source) as the model sees them; the intervention's noise or source
     encoded, _ = encode_facts(tokenizer, [fact] + ([source] if source else []), "error")
     target, patched_in = encoded[0], encoded[-1]
+    limit = max_positions(model.config)
+    if limit is not None and len(target["ids"]) > limit:
+        raise UserError(f"fact {fact['id']}: its prompt has {len(target['ids'])} tokens, more than the model's "
+                        f"{limit} positions")
     if len(patched_in["ids"]) != len(target["ids"]):
         raise UserError(f"fact {fact['id']}: its source {source['id']} has {len(patched_in['ids'])} tokens and the "
                         f"fact {len(target['ids'])}; a swap trace needs prompts of the same token length")
