@@ -46,4 +46,6 @@ def _merged(site_datasets, sites, base, seed):
     ds["layer"].attrs["description"] = "decoder block index, 0 = first"
     ds["example"].attrs["description"] = "id of the target fact"
     ds["site"].attrs["description"] = "row label: a component at a group of token positions"
+    if "head" in ds.coords:
+        ds["head"].attrs["description"] = heads.HEAD
     return ds

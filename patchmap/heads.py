@@ -9,6 +9,7 @@ import xarray as xr
 
 PREFIX = "head_"
 SHARED = ("example", "layer", "head")  # dimensions that keep their names
+HEAD = "attention head (query head) index, 0 = first"  # the `head` coordinate's description
 
 
 def groups(sites: list) -> list:

@@ -183,12 +183,12 @@ class Noise(Intervention):
         """Gaussian noise at the subject positions of examples a..b, `samples` copies each: copy k is the
         (k + 1)-th draw from the generator of the example's seed in pairs.nc (copy 0: the one-sample noise)."""
         import torch
-        noise = torch.zeros(b - a, self.samples, width, hidden)
+        noise, std = torch.zeros(b - a, self.samples, width, hidden), pairs.attrs["noise_std"]
         for i in range(a, b):
             start, end = int(pairs["subject_start"].values[i]), int(pairs["subject_end"].values[i])
             generator = torch.Generator().manual_seed(int(pairs["noise_seed"].values[i]))
             for k in range(self.samples):
-                noise[i - a, k, start:end] = torch.randn(end - start, hidden, generator=generator) * pairs.attrs["noise_std"]
+                noise[i - a, k, start:end] = torch.randn(end - start, hidden, generator=generator) * std
         return noise.view(-1, width, hidden).to(torch.float32)
 
     def same_until(self, pairs, targets, sources):

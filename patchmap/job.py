@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import heads
 from .interventions import Intervention
 from .quantities import DESCRIPTIONS, METRICS
 
@@ -70,5 +71,5 @@ def stack_heads(per_head: list) -> xr.Dataset:
     head], with the `head` coordinate (0 = the first query head)."""
     ds = xr.concat(per_head, dim="head", combine_attrs="override").transpose("example", "layer", "head")
     ds = ds.assign_coords(head=np.arange(len(per_head)))
-    ds["head"].attrs["description"] = "attention head (query head) index, 0 = first"
+    ds["head"].attrs["description"] = heads.HEAD
     return ds

@@ -190,9 +190,10 @@ def stack_sites(per_site, sites):
     `site` dimension (site names); head sites along `head_site` (patchmap.heads)."""
     def stack(group):
         ds = xr.concat([per_site[s.name].drop_attrs(deep=False) for s in group], dim="site", join="exact")
-        return ds.assign_coords(site=[s.name for s in group], label=("site", [s.label for s in group]),
-                                component=("site", [s.component for s in group]),
-                                positions=("site", [s.positions for s in group])).transpose("example", "site", "layer", ...)
+        ds = ds.assign_coords(site=[s.name for s in group], label=("site", [s.label for s in group]),
+                              component=("site", [s.component for s in group]),
+                              positions=("site", [s.positions for s in group]))
+        return ds.transpose("example", "site", "layer", ...)
 
     ds = heads.joined(stack, sites)
     ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})

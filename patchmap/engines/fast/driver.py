@@ -70,9 +70,8 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
     same_until = job.intervention.same_until(pairs, targets, token_lists(pairs, "source_ids"))
     first = min(window_layers(layer, job.window, engine.n_layers)[0] for layer in job.layers)
     available = extracted_layers(job, engine.n_layers)
+    samples = job.intervention.samples  # noised copies of each example in the clean runs
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not job.progress)
-
-    samples = job.intervention.samples
 
     def clean_run(examples):
         a, b = examples
