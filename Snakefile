@@ -34,6 +34,7 @@ include: "rules/patch.smk"
 include: "rules/divergence.smk"
 include: "rules/plot.smk"
 include: "rules/explorer.smk"
+include: "rules/trace.smk"
 
 
 report: "report/workflow.rst"
@@ -43,9 +44,10 @@ rule all:
     input:
         expand(rules.divergence.output[0], run=config["runs"]),
         expand(rules.heatmap.output, run=config["runs"]),
-        expand(rules.lines.output, run=config["runs"]),
+        expand(rules.lines.output, run=cfg.runs_with_site_rows(config)),
         expand(rules.explorer.output, run=config["runs"]),
         expand(rules.figure.output, figure=config["figures"]),
+        [expand(rules.trace_figure.output, trace=trace, fact=fact) for trace, fact in traced_facts()],
     default_target: True
 
 

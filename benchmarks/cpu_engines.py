@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cpu_engines.py                      # GPT-2-small- and Llama-shaped
     .venv/bin/python benchmarks/cpu_engines.py --models llama --examples 8      # a quick look
+    .venv/bin/python benchmarks/cpu_engines.py --heads --threads 2  # the head sweep (Llama-shaped)
 
 Two random-weight models of GPT-2-small shape (12 layers, width 768, 12 heads, MLP 3072) and of Llama shape
 (12 layers, width 768, 12 heads, MLP 2048) are built from transformers configs, saved with save_pretrained
@@ -15,6 +16,14 @@ speed-up over the reference, the peak resident memory of the process and its gro
 checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
 schedule and of the exact-work floor (patchmap/engines/flops.py), and where the fast engine's time goes.
 If nnsight is importable, the same job is timed with it too (one traced forward per site and layer).
+
+`--heads` times the head sweep instead: every attention head of every layer patched alone at the last
+position (a head site, 12 layers x 12 heads) on the Llama-shaped model's 32 swap pairs, by the fast engine
+and by the reference engine (batches of all prompts), and by the batch-1 hook loop on the first
+`--loop-examples` prompts: one hooked forward per prompt, layer and head, the way TransformerLens'
+get_act_patch_attn_head_out_by_pos patches (its cost per run does not depend on how many prompts there
+are). The table gives patched runs per second and the fast engine's ratio to each, and checks that the
+three agree.
 """
 
 import argparse
@@ -40,6 +49,7 @@ SHAPES = {
     "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048",
 }
 VOCABULARY = {"gpt2": 50257, "llama": 32000}
+HEAD_SITES = {"heads": {"label": "Heads@last", "component": "head", "positions": "last"}}
 
 
 def _rss_mb():
@@ -71,7 +81,7 @@ def build(kind, directory, vocab):
     return size
 
 
-def _job(directory, examples):
+def _job(directory, examples, site_specs=SITES):
     from patchmap import activations, models, synthetic
     from patchmap.pairs import make_pairs
     from patchmap.sites import Site
@@ -79,7 +89,7 @@ def _job(directory, examples):
     model, tokenizer = models.load(directory)
     facts = synthetic.facts(synthetic.make_world(seed=0))
     pairs = make_pairs(model, tokenizer, facts, examples=examples, seed=0, known_only=False)
-    sites = [Site.from_config(k, v) for k, v in SITES.items()]
+    sites = [Site.from_config(k, v) for k, v in site_specs.items()]
     layers = list(range(models.n_layers(model)))
     acts = activations.extract_activations(model, pairs, sites, layers, examples, tokenizer.pad_token_id, False)
     return model, tokenizer, pairs, sites, layers, acts
@@ -232,6 +242,107 @@ class _Values:
         self.values = values
 
 
+def hook_loop(model, pairs, acts, site, layers, pad_id):
+    """The head sweep one hooked forward at a time: per prompt, its unpatched forward, then for each layer and
+    head a forward whose output projection gets the source's slice of that head at the last position (a
+    pre-hook on its input, as TransformerLens hooks hook_z). Returns js [prompt, layer, head]."""
+    import torch
+
+    from patchmap import models
+    from patchmap.encoding import token_lists
+    from patchmap.engines.hooks import hooks, last_logprobs, pad_batch
+    from patchmap.metrics import patch_metrics
+
+    heads, head_dim = models.head_shape(model)
+    out = np.zeros((pairs.sizes["example"], len(layers), heads), np.float32)
+    answers = [torch.as_tensor(pairs[f"{r}_answer"].values) for r in ("target", "source")]
+    for e, ids in enumerate(token_lists(pairs, "target_ids")):
+        batch = pad_batch([ids], pad_id, "cpu")
+        target = last_logprobs(model, *batch)
+        for li, layer in enumerate(layers):
+            source = torch.from_numpy(acts[f"act_{site.name}"].values[e, li, 0])  # [heads x head dim]
+            for head in range(heads):
+                part = slice(head * head_dim, (head + 1) * head_dim)
+
+                def write(module, args, kwargs, part=part):
+                    x = args[0].clone()
+                    x[0, -1, part] = source[part]
+                    return (x, *args[1:]), kwargs
+                with torch.no_grad(), hooks([(models.component_module(model, "head", layer), write, "pre")]):
+                    patched = last_logprobs(model, *batch)
+                out[e, li, head] = patch_metrics(patched, target, answers[0][e:e + 1], answers[1][e:e + 1])["js"][0]
+    return out
+
+
+def head_worker(directory, engine, examples, out, repeat, loop_examples):
+    """One way of running the head sweep: `fast` or `reference` on every prompt, `loop` (hook_loop) on the
+    first `loop_examples`; writes js [prompt, layer, head] (npy) and a JSON line with the time."""
+    import torch
+
+    from patchmap import models
+    from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.interventions import Swap
+    from patchmap.job import PatchJob
+    from patchmap.patching import run_patch_job
+
+    model, tokenizer, pairs, sites, layers, acts = _job(directory, examples, HEAD_SITES)
+    if engine == "loop":
+        pairs, acts = pairs.isel(example=slice(0, loop_examples)), acts.isel(example=slice(0, loop_examples))
+
+    def run(pairs, acts):
+        if engine == "loop":
+            return hook_loop(model, pairs, acts, sites[0], layers, tokenizer.pad_token_id)
+        job = PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=pairs.sizes["example"],
+                       pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False)
+        return run_patch_job(job, engine=FastEngine(model) if engine == "fast" else "reference")["heads"]["js"].values
+
+    run(pairs.isel(example=[0]), acts.isel(example=[0]))  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        js = run(pairs, acts)
+        times.append(time.perf_counter() - start)
+    np.save(out, js)
+    print(json.dumps({"engine": engine, "seconds": min(times), "prompts": int(pairs.sizes["example"]),
+                      "runs": int(js.size), "heads": models.head_shape(model)[0], "layers": len(layers),
+                      "threads": torch.get_num_threads()}))
+
+
+def head_sweep(args, root):
+    """The head sweep on the Llama-shaped model: the fast engine, the reference and the batch-1 hook loop."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = os.path.join(tmp, "llama")
+        vocabulary = build("llama", directory, args.vocab)
+        print(f"llama: {SHAPES['llama']}, vocabulary {vocabulary:,}; every head of every layer at the last "
+              f"position", flush=True)
+        for engine in ("fast", "reference", "loop"):
+            out = os.path.join(tmp, f"{engine}.npy")
+            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--head-worker",
+                                   directory, engine, str(args.examples), out, str(args.repeat),
+                                   str(args.loop_examples)], capture_output=True, text=True, cwd=root)
+            if proc.returncode != 0:
+                print(f"  {engine}: failed\n{proc.stderr[-2000:]}")
+                continue
+            rows[engine] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "js": np.load(out)}
+            print(f"  {engine}: {rows[engine]['seconds']:.1f} s for {rows[engine]['runs']} runs", flush=True)
+    fast = rows.get("fast")
+    print(f"\nhead sweep: {args.examples} prompts x {fast['layers'] if fast else '?'} layers x "
+          f"{fast['heads'] if fast else '?'} heads at the last position; torch threads: "
+          f"{next(iter(rows.values()))['threads'] if rows else '?'}\n")
+    print("| engine | prompts | patched runs | seconds | patched runs/s | fast engine's speed-up | max abs diff (js) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    reference = rows.get("reference")
+    for engine, m in rows.items():
+        rate = m["runs"] / m["seconds"]
+        speedup = fast["runs"] / fast["seconds"] / rate if fast else float("nan")
+        agree = "-"
+        if reference is not None and engine != "reference":
+            agree = f"{float(np.abs(m['js'] - reference['js'][:m['prompts']]).max()):.1e}"
+        print(f"| {'batch-1 hook loop' if engine == 'loop' else engine} | {m['prompts']} | {m['runs']} | "
+              f"{m['seconds']:.2f} | {rate:.0f} | {speedup:.1f}x | {agree} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2,llama")
@@ -244,14 +355,28 @@ def main():
                         help="also time the reference engine in batches of N prompts (1: one forward per prompt, "
                              "site and layer, as TransformerLens' generic_activation_patch and ROME's causal "
                              "tracing run); the speed-up column stays relative to the reference over all prompts")
+    parser.add_argument("--heads", action="store_true",
+                        help="the head sweep on the Llama-shaped model instead (see above)")
+    parser.add_argument("--loop-examples", type=int, default=4,
+                        help="prompts the batch-1 hook loop of the head sweep runs (its cost per run is the same "
+                             "for any number)")
     parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--head-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads and (args.worker or args.head_worker):
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.head_worker:
+        directory, engine, examples, out, repeat, loop_examples = args.head_worker
+        head_worker(directory, engine, int(examples), out, int(repeat), int(loop_examples))
+        return
+    root = Path(__file__).resolve().parent.parent
+    if args.heads:
+        head_sweep(args, root)
+        return
     if args.worker:
         directory, engine, examples, out, repeat = args.worker
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
         worker(directory, engine, int(examples), out, int(repeat))
         return
     try:
@@ -262,7 +387,6 @@ def main():
         print("nnsight is not installed: timing the reference and the fast engine only")
     if args.reference_batch:
         engines.append(f"reference@{args.reference_batch}")
-    root = Path(__file__).resolve().parent.parent
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models.split(","):

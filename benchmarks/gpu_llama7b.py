@@ -3,6 +3,7 @@
     python benchmarks/gpu_llama7b.py                 # 1,209 prompts x 3 sites x 32 layers, then the reference
     python benchmarks/gpu_llama7b.py --examples 200 --subset 16     # shorter
     python benchmarks/gpu_llama7b.py --flops         # any machine: the job's FLOPs, reference and floor
+    python benchmarks/gpu_llama7b.py --heads --reference-batch 1    # the head sweep: 32 layers x 32 heads
 
 It needs one CUDA GPU with about 40 GB free (13.5 GB of bf16 weights, the rest for activations), and no
 download: the model is a Llama-2-7B config (32 layers, width 4096, 32 heads, MLP 11008, vocabulary 32000) with random
@@ -14,6 +15,11 @@ layer, patched runs per second, and the achieved TFLOP/s counting only the FLOPs
 (matrix multiplies of the blocks for the positions computed, attention scores, the output head at one
 position per run, and the clean runs); then, on the first `--subset` prompts, the reference engine's time
 on the same work, the speed-up, and the largest difference between the engines' numbers.
+
+`--heads` runs the head sweep instead: every attention head of every layer patched alone at the last
+position (one head site: 32 x 32 runs per prompt); `--reference-batch 1` then times the reference one prompt
+at a time, one hooked forward per prompt, layer and head (plus one unpatched forward per prompt and head),
+as TransformerLens' head patching runs. The exact-work floor is the three-site job's, so it is not printed.
 """
 
 import argparse
@@ -37,6 +43,8 @@ def main():
                              "seconds; the model is built on the meta device)")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer, width-64 stand-in on any device: checks that the script runs")
+    parser.add_argument("--heads", action="store_true",
+                        help="the head sweep: one head site at the last position (every head of every layer)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" and not (args.smoke or args.flops):
@@ -68,6 +76,8 @@ def main():
                        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000})
         args.examples, args.subset = min(args.examples, 24), min(args.subset, 8)
     if args.flops:
+        if args.heads:
+            raise SystemExit("--flops counts the three-site job only; leave out --heads")
         count_only(config, tokenizer, synthetic.facts(world), args)
         return
     torch.manual_seed(0)
@@ -85,6 +95,9 @@ def main():
     n = pairs.sizes["example"]
     sites = [Site("subj", "Subj.", "resid", "subject"), Site("attn", "Attn.", "attn", "last"),
              Site("last", "Last.", "resid", "last")]
+    if args.heads:
+        sites = [Site("heads", "Heads@last", "head", "last")]
+    per_site = config.num_attention_heads if args.heads else 1  # patched runs per site, prompt and layer
     layers = list(range(config.num_hidden_layers))
     pad = tokenizer.pad_token_id
     start = time.perf_counter()
@@ -107,16 +120,18 @@ def main():
     fast = run_patch_job(job(pairs, acts, args.batch_size), engine=engine)
     sync()
     seconds = time.perf_counter() - start
-    runs = n * len(sites) * len(layers)
+    runs = n * len(sites) * len(layers) * per_site
     lengths = pairs["length"].values.astype(float)
     total = fast_flops(model, engine.stats, float((lengths ** 2).sum()))
-    floor = floor_flops(model, pairs["length"].values, pairs["subject_end"].values)
-    print(f"\nfast engine, patch stage: {n} prompts x {len(sites)} sites x {len(layers)} layers = {runs} runs")
+    floor = None if args.heads else floor_flops(model, pairs["length"].values, pairs["subject_end"].values)
+    what = f"{config.num_attention_heads} heads" if args.heads else f"{len(sites)} sites"
+    print(f"\nfast engine, patch stage: {n} prompts x {what} x {len(layers)} layers = {runs} runs")
     print(f"  {seconds:.1f} s, {runs / seconds:.0f} patched runs/s, {total / seconds / 1e12:.1f} TFLOP/s achieved "
           f"({total / 1e12:.1f} TFLOP in the schedule), peak GPU memory "
           f"{torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan'):.1f} GiB, token budget {engine.max_tokens}, "
-          f"out-of-memory retries {engine.stats['oom_retries']}; the schedule is {total / floor:.2f}x the exact-work "
-          f"floor ({floor / 1e12:.1f} TFLOP)")
+          f"out-of-memory retries {engine.stats['oom_retries']}"
+          + ("" if floor is None else f"; the schedule is {total / floor:.2f}x the exact-work floor "
+                                      f"({floor / 1e12:.1f} TFLOP)"))
 
     k = min(args.subset, n)
     sub_pairs, sub_acts = pairs.isel(example=slice(0, k)), acts.isel(example=slice(0, k))
@@ -132,13 +147,15 @@ def main():
         timings[name] = (time.perf_counter() - start, result)
     difference = max(float(abs(timings["fast"][1][s.name][m] - timings["reference"][1][s.name][m]).max())
                      for s in sites for m in ("js", "p_target_answer", "p_source_answer"))
+    sub_runs = k * len(sites) * len(layers) * per_site
     print(f"\nsubset of {k} prompts: reference {timings['reference'][0]:.1f} s, fast {timings['fast'][0]:.1f} s, "
           f"speed-up {timings['reference'][0] / timings['fast'][0]:.1f}x; max |difference| (js, p) {difference:.2e} "
           "(bf16: both engines round differently)")
     if args.reference_batch:
         seconds_small = timings["reference, small batches"][0]
-        print(f"subset, reference in batches of {args.reference_batch}: {seconds_small:.1f} s; the fast engine "
-              f"(batches of {args.batch_size}) is {seconds_small / timings['fast'][0]:.1f}x faster")
+        print(f"subset, reference in batches of {args.reference_batch}: {seconds_small:.1f} s "
+              f"({sub_runs / seconds_small:.1f} patched runs/s); the fast engine (batches of {args.batch_size}) "
+              f"is {seconds_small / timings['fast'][0]:.1f}x faster")
     js = {s.label: float(fast[s.name]["js"].mean()) for s in sites}
     print(f"mean JS per site (random weights, so only a sanity check): {js}")
 

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from .engines.hooks import capture, pad_batch
 from .job import batches
-from .models import input_device
+from .models import component_width, input_device
 from .encoding import token_lists
 from .sites import site_positions
 
@@ -17,15 +17,16 @@ from .sites import site_positions
 def extract_activations(model, pairs: xr.Dataset, sites: list, layers: list, batch_size: int, pad_id: int,
                         progress: bool = True) -> xr.Dataset:
     """Source activations at each site's positions, every layer in `layers`: `act_<site>` [example,
-    layer, slot, hidden] per site (slot = index within the position group; NaN past a group's end) and
-    `pos_<site>` [example, slot], each slot's token position (-1: unused)."""
+    layer, slot, hidden] per site (slot = index within the position group; NaN past a group's end; hidden:
+    for a head site every head's output side by side, heads x head dim) and `pos_<site>` [example, slot],
+    each slot's token position (-1: unused)."""
     device = input_device(model)
     sources = token_lists(pairs, "source_ids")
     components = sorted({s.component for s in sites})
     pos = {s.name: site_positions(pairs, s) for s in sites}
-    n, hidden = len(sources), model.config.hidden_size
-    out = {s.name: np.full((n, len(layers), max((len(p) for p in pos[s.name]), default=0), hidden),
-                           np.nan, dtype=np.float32) for s in sites}
+    n = len(sources)
+    out = {s.name: np.full((n, len(layers), max((len(p) for p in pos[s.name]), default=0),
+                            component_width(model, s.component)), np.nan, dtype=np.float32) for s in sites}
     for a, b in tqdm(batches(n, batch_size), desc="extract", unit="batch", disable=not progress):
         ids, mask, position_ids, lengths = pad_batch(sources[a:b], pad_id, device)
         store, _ = capture(model, ids, mask, position_ids, lengths, components, layers)

@@ -4,7 +4,9 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .quantities import DESCRIPTIONS, METRICS, TARGET_TOP, TOP_DESCRIPTIONS, log_unit, unit
+from . import heads
+from .quantities import DESCRIPTIONS, METRICS, TOP_DESCRIPTIONS, log_unit, unit
+from .stacking import stacked
 
 
 def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):
@@ -18,20 +20,22 @@ def bootstrap_interval(values, seed, n_resamples=1000, level=0.95):
 
 
 def merge_sites(site_datasets, sites, base, seed):
-    """Stack per-site datasets (each example x layer) on a `site` dimension in config order and add
-    js_mean, js_ci_low, js_ci_high and the mean of every other metric."""
+    """Stack per-site datasets (each example x layer; x head for a head site) on a `site` dimension in
+    config order and add js_mean, js_ci_low, js_ci_high and the mean of every other metric; head sites go
+    along `head_site`, in the same variables named with the prefix head_ (patchmap.heads)."""
+    return heads.joined(lambda group: _merged(site_datasets, group, base, seed), sites)
+
+
+def _merged(site_datasets, sites, base, seed):
     per_site = [xr.concat(site_datasets[s.name], dim="example") if isinstance(site_datasets[s.name], list)
                 else site_datasets[s.name] for s in sites]
-    target_top = [name for name in TARGET_TOP if name in per_site[0]]  # absent from results made before them
-    ds = xr.concat([d.drop_vars(target_top).drop_attrs() for d in per_site], dim="site", join="exact")
+    ds = stacked([d.drop_attrs() for d in per_site], "site", join="exact")
     ds = ds.assign_coords(
         site=[s.label for s in sites],
         site_name=("site", [s.name for s in sites]),
         component=("site", [s.component for s in sites]),
         positions=("site", [s.positions for s in sites]),
     ).transpose("example", "site", "layer", ...)
-    for name in target_top:
-        ds[name] = per_site[0][name].drop_attrs()
     for name in TOP_DESCRIPTIONS:
         if name in ds:
             ds[name].attrs["description"] = TOP_DESCRIPTIONS[name]
@@ -43,9 +47,11 @@ def merge_sites(site_datasets, sites, base, seed):
         ds[f"{name}_mean"].attrs.update(description=f"mean over examples of {name}", units=ds[name].attrs["units"])
     low, high = bootstrap_interval(ds["js"].values.astype(np.float64), seed)
     for name, end, values in (("js_ci_low", "low", low), ("js_ci_high", "high", high)):
-        ds[name] = (("site", "layer"), np.asarray(values),
+        ds[name] = (ds["js_mean"].dims, np.asarray(values),
                     {"description": f"bootstrap 95% interval of js_mean, {end} end", "units": log_unit(base)})
     ds["layer"].attrs["description"] = "decoder block index, 0 = first"
     ds["example"].attrs["description"] = "id of the target fact"
     ds["site"].attrs["description"] = "row label: a component at a group of token positions"
+    if "head" in ds.coords:
+        ds["head"].attrs["description"] = heads.HEAD
     return ds

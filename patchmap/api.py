@@ -1,9 +1,10 @@
 """The Python API for notebooks: the workflow's engine on a model, tokenizer and facts in memory.
 
-    from patchmap.api import patch_heatmap
+    from patchmap.api import patch_heatmap, trace
     ds = patch_heatmap(model, tokenizer, facts, sites={"subj": {"label": "Subj.", "component": "resid",
                                                                   "positions": "subject"}})
     ds["js_mean"].to_pandas()
+    trace(model, tokenizer, facts[0])["p_target_answer"].sel(component="resid").to_pandas()
 """
 
 from . import activations, layouts, models
@@ -19,6 +20,7 @@ from .pairs import make_pairs
 from .patching import run_patch_job
 from .provenance import package_versions
 from .sites import Site
+from .traces import TraceSettings, trace_fact
 
 DEFAULT_SITES = {
     "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
@@ -30,17 +32,17 @@ RUN = "patch_heatmap"  # the name of the run that the arguments make up, for the
 
 def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=100, seed=0, batch_size=32,
                   js_base=2, known_only=True, intervention="swap", noise_scale=3.0, value="mean", window=1,
-                  progress=True, engine="fast", pairing="subject"):
+                  progress=True, engine="fast", pairing="subject", noise_samples=1):
     """Pair the facts, patch every site at every layer, and return the dataset that the workflow writes
     as divergence.nc (without the file provenance): js (example, site, layer), js_mean, js_ci_low, ...
     `intervention` is a name ("swap", the default, "noise", "ablate", "knockout": with `pairing`,
-    `noise_scale` or `value` as in a run's config) or an Intervention object with its own parameters;
-    `engine` is "fast" (the default) or "reference". The arguments are checked as a run of the
+    `noise_scale`, `noise_samples` or `value` as in a run's config) or an Intervention object with its own
+    parameters; `engine` is "fast" (the default) or "reference". The arguments are checked as a run of the
     workflow's config is (config/schema.yaml), and the facts as a dataset file's rows."""
     given = intervention if isinstance(intervention, Intervention) else None
     run = {"layers": layers, "examples": examples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
            "known_only": known_only, "intervention": "swap" if given else intervention, "noise_scale": noise_scale,
-           "value": value, "window": window, "engine": engine, "pairing": pairing}
+           "value": value, "window": window, "engine": engine, "pairing": pairing, "noise_samples": noise_samples}
     # 1. the arguments, checked as a run of the config; the facts, as a dataset file's rows
     run, site_specs = check_arguments(run, DEFAULT_SITES if sites is None else sites)
     facts = check_facts(_as_list(facts), "patch_heatmap: argument facts")
@@ -67,6 +69,44 @@ def patch_heatmap(model, tokenizer, facts, sites=None, layers="all", examples=10
     return ds
 
 
+def trace(model, tokenizer, fact, source=None, facts=None, intervention=None, components=None, window=None,
+          noise_scale=None, noise_samples=None, seed=None, batch_size=None, js_base=None, engine=None, index=0,
+          progress=True):
+    """The token trace of one fact (ROME's causal trace), as the workflow writes it for each fact of a trace
+    (results/traces/{trace}/trace.nc, the fact's group; without the file provenance): js, p_target_answer,
+    ... (component, token, layer), p_answer_unpatched, p_answer_corrupted. `fact` (and `source`, the fact
+    patched in by intervention="swap") is a dict with subject, prompt, attribute (and id); `facts`: the facts
+    whose subject embeddings' std scales the noise (the workflow: the trace's dataset; default: the fact and
+    its source); `index`: the fact's number in a trace's list (the noise of fact i is that of example i of a
+    run with the same seed). The other arguments are a trace's config settings, checked by the schema, which
+    also gives the default of each left None (noise, resid/mlp/attn, windows 1/10/10, 10 noise samples, ...)."""
+    # 1. the arguments, checked as a trace of the config; the facts, as a dataset file's rows
+    fact = check_facts([fact], "trace: argument fact")[0]
+    source = None if source is None else check_facts([source], "trace: argument source")[0]
+    noise_facts = [fact] + ([source] if source else []) if facts is None else check_facts(
+        _as_list(facts), "trace: argument facts")
+    item = {"id": "fact", **{k: fact[k] for k in ("subject", "prompt", "attribute")}}
+    if source is not None:
+        item["source"] = {k: source[k] for k in ("subject", "prompt", "attribute")}
+    given = {"intervention": intervention, "components": components, "window": window, "noise_scale": noise_scale,
+             "noise_samples": noise_samples, "seed": seed, "batch_size": batch_size, "js_base": js_base,
+             "engine": engine}
+    spec = {"model": "model", "facts": [item], **{k: _plain(v) for k, v in given.items() if v is not None}}
+    try:
+        cfg.validate_trace(spec)
+    except cfg.ConfigError as e:
+        where = {"facts.0": "fact", "facts.0.source": "source"}.get(".".join(e.path), ".".join(e.path))
+        raise UserError(f"trace: argument {where or '(the arguments together)'}: {e.detail}") from None
+    check_model_and_tokenizer(model, tokenizer, "trace")
+    # 2. the trace, as the workflow's trace stage computes each fact's
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise UserError(f"trace: argument index: {index!r} is not a fact's number (0, 1, ...)")
+    ds = trace_fact(model, tokenizer, fact, source, TraceSettings.from_spec(spec), noise_facts, index, progress)
+    ds.attrs.update({"model": getattr(model.config, "_name_or_path", "")})
+    ds.attrs.update({f"version_{k}": v for k, v in package_versions().items()})
+    return ds
+
+
 def check_arguments(run, sites):
     """The arguments as a one-run config, validated by the workflow's schema and cross-reference checks
     (defaults filled in); a mistake is a UserError naming the argument. Returns (run, sites) as checked."""
@@ -83,17 +123,17 @@ def check_arguments(run, sites):
     return config["runs"][RUN], config["sites"]
 
 
-def check_model_and_tokenizer(model, tokenizer):
+def check_model_and_tokenizer(model, tokenizer, function="patch_heatmap"):
     if not hasattr(model, "config") or not callable(model):
-        raise UserError(f"patch_heatmap: argument model: expected a loaded model (e.g. from models.load), not "
+        raise UserError(f"{function}: argument model: expected a loaded model (e.g. from models.load), not "
                         f"{type(model).__name__}")
     if not callable(tokenizer) or not hasattr(tokenizer, "is_fast"):
-        raise UserError(f"patch_heatmap: argument tokenizer: expected a loaded tokenizer (e.g. from models.load), "
+        raise UserError(f"{function}: argument tokenizer: expected a loaded tokenizer (e.g. from models.load), "
                         f"not {type(tokenizer).__name__}")
     layouts.check_supported(getattr(model.config, "model_type", None))
     models.check_fast_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "") or "the tokenizer given")
     if tokenizer.pad_token_id is None:
-        raise UserError("patch_heatmap: the tokenizer has no pad token; set tokenizer.pad_token = "
+        raise UserError(f"{function}: the tokenizer has no pad token; set tokenizer.pad_token = "
                         "tokenizer.eos_token first (models.load does this)")
 
 

@@ -9,6 +9,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from .errors import UserError
+from . import tracefacts
 from .interventions import from_run
 from .schema import schema
 from .sites import Site
@@ -39,9 +40,9 @@ class ConfigError(UserError):
 def _describe(error):
     """The error's key path and one line on what is wrong there, and what is allowed."""
     path = tuple(error.absolute_path)
-    if error.validator == "oneOf" and all(set(c) == {"required"} for c in error.validator_value):
+    if error.validator in ("oneOf", "anyOf") and all(set(c) == {"required"} for c in error.validator_value):
         options = " or ".join("'" + "/".join(c["required"]) + "'" for c in error.validator_value)
-        return path, f"give exactly one of {options}"
+        return path, f"give exactly one of {options}" if error.validator == "oneOf" else f"give {options}"
     if error.validator == "oneOf" and error.context:
         deepest = max(error.context, key=lambda e: len(list(e.absolute_path)))
         if len(list(deepest.absolute_path)) > len(list(error.absolute_path)):
@@ -108,7 +109,21 @@ def validate(config):
     return config
 
 
-SHARED_FOLDERS = ("models", "datasets", "predictions", "figures", "README.md")
+def validate_trace(spec):
+    """Check one `traces` entry in place (the Python API's arguments) against the schema's, filling in
+    defaults, and its facts (tracefacts.problems). Raises ConfigError, its path from the entry."""
+    root = schema()
+    validator = _with_defaults(Draft202012Validator)(root).evolve(
+        schema=root["properties"]["traces"]["additionalProperties"])
+    errors = sorted(validator.iter_errors(spec), key=lambda e: (len(list(e.absolute_path)), e.message))
+    if errors:
+        raise ConfigError(*_describe(errors[0]))
+    for index, problem in tracefacts.problems(spec):
+        raise ConfigError(("facts", index), problem)
+    return spec
+
+
+SHARED_FOLDERS = ("models", "datasets", "predictions", "figures", "traces", "README.md")
 """What results/ holds besides the runs' folders: no run may take one of these names."""
 
 
@@ -130,6 +145,7 @@ def check_run_names(config):
 
 def check_references(config):
     check_run_names(config)
+    check_traces(config)
     for name, model in config["models"].items():
         world = model.get("builtin", {}).get("dataset")
         if world is not None and "synthetic" not in config["datasets"].get(world, {}):
@@ -140,6 +156,9 @@ def check_references(config):
             if run not in config["runs"]:
                 raise ConfigError(("figures", name, "runs"), f"run '{run}' is not defined; defined runs: "
                                   + ", ".join(config["runs"]))
+            if run not in runs_with_site_rows(config):
+                raise ConfigError(("figures", name, "runs"), f"run '{run}' has head sites only; figures show "
+                                  f"site x layer heatmaps (its head heatmaps are in results/{run}/heatmap.png)")
     labels = {}
     for name, site in config["sites"].items():
         label = site.get("label", name)
@@ -160,7 +179,8 @@ def check_references(config):
         if twice:
             raise ConfigError(("runs", run_name, "sites"), f"site '{twice[0]}' is listed twice")
         for site in run["sites"]:
-            problem = from_run(run).site_problem(site, config["sites"][site]["positions"])
+            spec = config["sites"][site]
+            problem = from_run(run).site_problem(site, spec["positions"], spec["component"])
             if problem:
                 raise ConfigError(("runs", run_name, "sites"), problem)
         model = config["models"][run["model"]]
@@ -169,6 +189,17 @@ def check_references(config):
             if too_high:
                 raise ConfigError(("runs", run_name, "layers"), f"layer {too_high[0]} is out of range; model "
                                   f"'{run['model']}' has layers 0 to {model['builtin']['layers'] - 1}")
+
+
+def check_traces(config):
+    """Each trace's model and dataset are defined, and its facts make sense (tracefacts.problems)."""
+    for name, spec in config.get("traces", {}).items():
+        for key, section in (("model", "models"), ("dataset", "datasets")):
+            if key in spec and spec[key] not in config[section]:
+                raise ConfigError(("traces", name, key), f"'{spec[key]}' is not defined; "
+                                  f"defined {section}: {', '.join(config[section])}")
+        for index, problem in tracefacts.problems(spec):
+            raise ConfigError(("traces", name, "facts", index), problem)
 
 
 def _names(config, section, kind):
@@ -190,6 +221,13 @@ def check_dataset_files(config):
             raise UserError(f"dataset path '{path}' is a folder (datasets.{name}.path); give the dataset file")
         if not Path(path).exists():
             raise UserError(f"dataset file '{path}' does not exist (datasets.{name}.path)")
+
+
+def runs_with_site_rows(config):
+    """The runs with a site without heads, a row of the site x layer heatmap: these have a lines plot and
+    may be drawn in figures (a head site's results are head x layer)."""
+    return [name for name, run in config["runs"].items()
+            if any(config["sites"][site]["component"] != "head" for site in run["sites"] if site in config["sites"])]
 
 
 def run_sites(config, run_name):

@@ -6,7 +6,8 @@ with its own parameters (`from_run`). An intervention says:
 - `strategy`: what a patched run does at the site, the one thing the engines call: a write strategy puts
   `write(base, source)` in place of the site's activation (base: the activation there, source: the
   source's), a block strategy blocks the last position's attention to the site's positions;
-- `target_noise(...)`: what is added to the target's input embeddings (noise);
+- `target_noise(...)`: what is added to the target's input embeddings (noise), and `samples`: in how many
+  noised copies each target runs (their next-token distributions are averaged before the metrics);
 - `same_until(...)`: per example, the first position where the target's and the source's runs may
   differ, or None where the written value is no run's activation (the fast engine's span rule: before
   it, the source's keys and values are the target's);
@@ -88,6 +89,7 @@ class Intervention:
     name = ""
     pooled = False       # its source activations are pooled over every example of the run (the ablation stage)
     adds_noise = False   # the target's subject embeddings get noise (pairs.nc holds its seeds and scale)
+    samples = 1          # copies of each target run, their next-token distributions averaged (noise samples)
 
     @property
     def extracts_in_patch_job(self):
@@ -122,7 +124,8 @@ class Intervention:
         return extract()
 
     def target_noise(self, pairs, a, b, width, hidden):
-        """[B, T, H] added to the input embeddings of the targets a..b in every run, or None."""
+        """[B x samples, T, H] added to the input embeddings of the targets a..b in every run (copy k of
+        example e in row e x samples + k), or None."""
         return None
 
     def same_until(self, pairs, targets, sources):
@@ -130,8 +133,8 @@ class Intervention:
         the written value is no run's activation (no source prefix to share)."""
         return None
 
-    def site_problem(self, site_name, positions):
-        """Why the site cannot be patched (one line), or None."""
+    def site_problem(self, site_name, positions, component=None):
+        """Why the site (its name, position group and component) cannot be patched (one line), or None."""
         return None
 
     def pairs_fields(self, seed, n_pairs, subject_std):
@@ -168,22 +171,25 @@ class Noise(Intervention):
     name = "noise"
     adds_noise = True
 
-    def __init__(self, noise_scale=3.0):
+    def __init__(self, noise_scale=3.0, samples=1):
         self.noise_scale = noise_scale
+        self.samples = samples
 
     @classmethod
     def from_run(cls, run):
-        return cls(run["noise_scale"])
+        return cls(run["noise_scale"], run["noise_samples"])
 
     def target_noise(self, pairs, a, b, width, hidden):
-        """Gaussian noise at the subject positions of examples a..b, from each example's seed in pairs.nc."""
+        """Gaussian noise at the subject positions of examples a..b, `samples` copies each: copy k is the
+        (k + 1)-th draw from the generator of the example's seed in pairs.nc (copy 0: the one-sample noise)."""
         import torch
-        noise = torch.zeros(b - a, width, hidden)
+        noise, std = torch.zeros(b - a, self.samples, width, hidden), pairs.attrs["noise_std"]
         for i in range(a, b):
             start, end = int(pairs["subject_start"].values[i]), int(pairs["subject_end"].values[i])
             generator = torch.Generator().manual_seed(int(pairs["noise_seed"].values[i]))
-            noise[i - a, start:end] = torch.randn(end - start, hidden, generator=generator) * pairs.attrs["noise_std"]
-        return noise.to(torch.float32)
+            for k in range(self.samples):
+                noise[i - a, k, start:end] = torch.randn(end - start, hidden, generator=generator) * std
+        return noise.view(-1, width, hidden).to(torch.float32)
 
     def same_until(self, pairs, targets, sources):
         """The clean source and the noised target differ from the first subject token on."""
@@ -198,7 +204,7 @@ class Noise(Intervention):
                                        "noise_std": float(self.noise_scale) * std}
 
     def recorded_settings(self):
-        return {"ablation_value": "", "noise_scale": self.noise_scale}
+        return {"ablation_value": "", "noise_scale": self.noise_scale, "noise_samples": self.samples}
 
 
 class Ablate(Intervention):
@@ -237,11 +243,14 @@ class Knockout(Intervention):
     def sources(self, pairs, extract, pooled=None):
         return None
 
-    def site_problem(self, site_name, positions):
+    def site_problem(self, site_name, positions, component=None):
         if positions == "all":  # the only group that holds the last token's every key
             return (f"knockout at site '{site_name}' (positions 'all') would block every token the last one "
                     "attends to, which leaves its attention undefined; use a group that keeps some, "
                     "e.g. non_subject")
+        if component == "head":
+            return (f"knockout at site '{site_name}' (component head) would block one head's edges, which "
+                    "patchmap does not do; use component attn (every head's edges)")
         return None
 
 

@@ -7,8 +7,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import heads
 from .interventions import Intervention
 from .quantities import DESCRIPTIONS, METRICS, TOP_DESCRIPTIONS, TOP_K
+from .stacking import stacked
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> list:
@@ -66,7 +68,7 @@ class PatchJob:
 
     def site_result(self, site, metrics: dict) -> xr.Dataset:
         """One site's per-example results (empty_results' arrays, filled) as the dataset both engines
-        return (and stages.stack_sites stacks)."""
+        return (for a head site: one per head, which stack_heads stacks)."""
         data = {k: (("example", "layer"), metrics[k], {"description": DESCRIPTIONS[k]}) for k in METRICS}
         for k in ("top_token", "top_prob"):
             data[k] = (("example", "layer", "rank"), metrics[k], {"description": TOP_DESCRIPTIONS[k]})
@@ -77,3 +79,12 @@ class PatchJob:
         ds.attrs.update({"site": site.name, "label": site.label, "component": site.component,
                          "positions": site.positions, "js_base": self.js_base, "window": self.window})
         return ds
+
+
+def stack_heads(per_head: list) -> xr.Dataset:
+    """A head site's result from its heads' (site_result of each, in head order): metrics [example, layer,
+    head], with the `head` coordinate (0 = the first query head)."""
+    ds = stacked(per_head, "head", combine_attrs="override").transpose("example", "layer", "head", ...)
+    ds = ds.assign_coords(head=np.arange(len(per_head)))
+    ds["head"].attrs["description"] = heads.HEAD
+    return ds

@@ -1,4 +1,4 @@
-"""Load Hugging Face causal LMs and find their decoder blocks, attention and MLP modules."""
+"""Load Hugging Face causal LMs and find their decoder blocks, attention and MLP modules, and their heads."""
 
 import json
 import logging
@@ -47,10 +47,43 @@ def blocks(model):
 
 
 def component_module(model, component, layer):
-    """The module whose output is the activation of `component` at `layer`."""
+    """The module whose output is the activation of `component` at `layer`; for `head`, whose input is
+    (the attention's output projection: layouts.INPUT_COMPONENTS)."""
     block = blocks(model)[layer]
     layout = layout_for(model)
+    if component == "head":
+        return _get(block, output_projection(model))
     return {"resid": block, "attn": _get(block, layout.attn), "mlp": _get(block, layout.mlp)}[component]
+
+
+def output_projection(model) -> str:
+    """The path (from a block) of the attention's output projection; a patchmap error where the family
+    table does not name it."""
+    path = layout_for(model).out_proj
+    if path is None:
+        raise UserError(f"component 'head' needs the attention's output projection of '{model.config.model_type}' "
+                        "models, which patchmap's family table (patchmap/layouts.py) does not name; use component "
+                        "attn, or add it there")
+    return path
+
+
+def head_shape(model) -> tuple:
+    """(heads, head dim) of the attention's output projection's input [..., heads x head dim]: the query
+    heads (models with fewer key/value heads have as many query heads as the config's attention heads)."""
+    projection = component_module(model, "head", 0)
+    width = getattr(projection, "in_features", None) or projection.weight.shape[0]  # Linear; GPT-2's Conv1D [in, out]
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return heads, width // heads
+
+
+def component_width(model, component) -> int:
+    """The size of the last dimension of `component`'s activation: the hidden size, or for `head` every head's
+    output side by side (heads x head dim, which need not be the hidden size: Gemma)."""
+    if component == "head":
+        heads, head_dim = head_shape(model)
+        return heads * head_dim
+    return model.config.hidden_size
 
 
 def attention_module(model, layer):

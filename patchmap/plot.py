@@ -1,4 +1,5 @@
-"""The paper-style heatmap: rows = sites in config order, columns = layers, colour = mean JS."""
+"""The paper-style heatmap: rows = sites in config order, columns = layers, colour = mean JS; beside it, for
+each head site (patchmap.heads), rows = heads, columns = layers."""
 
 import matplotlib
 
@@ -24,7 +25,7 @@ def draw_heatmap(ax, ds, vmin=None, vmax=None, title=None):
     return image
 
 
-def _save(fig, png, pdf):
+def save_figure(fig, png, pdf):
     """PNG and PDF, without creation dates, so that the same numbers give the same bytes."""
     for path, fmt, metadata in ((png, "png", {"Software": None}), (pdf, "pdf", {"CreationDate": None})):
         with atomic_path(path) as tmp:
@@ -32,13 +33,48 @@ def _save(fig, png, pdf):
     plt.close(fig)
 
 
+def draw_head_heatmap(ax, ds, head_site):
+    """One head site's mean JS: rows = heads, columns = layers."""
+    values = ds["head_js_mean"].sel(head_site=head_site).transpose("head", "layer").values
+    layers, heads = ds["layer"].values, ds["head"].values
+    image = ax.imshow(values, cmap="Blues", aspect="auto", interpolation="nearest", vmin=0.0)
+    for axis, ticks, labels in ((ax.set_xticks, layers, layers), (ax.set_yticks, heads, heads)):
+        step = max(1, int(np.ceil(len(ticks) / 16)))
+        axis(range(0, len(ticks), step), [str(t) for t in labels[::step]])
+    ax.set_xlabel("Layer")
+    ax.set_ylabel("Head")
+    ax.set_title(str(head_site))
+    ax.tick_params(length=0)
+    return image
+
+
 def save_heatmap(ds, png, pdf, vmin=None, vmax=None, title=None):
+    """The site x layer heatmap, and beside it a head x layer heatmap of each head site (each panel on its
+    own colour scale)."""
+    head_sites = list(ds["head_site"].values) if "head_site" in ds.dims else []
+    if head_sites:
+        save_with_heads(ds, head_sites, png, pdf, title)
+        return
     n_layers, n_sites = ds.sizes["layer"], ds.sizes["site"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * n_layers + 2.2), 0.45 * n_sites + 1.3))
     image = draw_heatmap(ax, ds, vmin, vmax, title)
     fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)
+
+
+def save_with_heads(ds, head_sites, png, pdf, title=None):
+    n_layers = ds.sizes["layer"]
+    panels = [None] * ("site" in ds.dims) + head_sites  # None: the site x layer heatmap
+    width = max(4.0, 0.32 * n_layers + 2.2)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(width * len(panels), max(2.4, 0.22 * ds.sizes["head"] + 1.3)))
+    for ax, panel in zip(axes[0], panels):
+        image = draw_heatmap(ax, ds, title="Sites") if panel is None else draw_head_heatmap(ax, ds, panel)
+        fig.colorbar(image, ax=ax, label="Avg JS Divergence", fraction=0.05, pad=0.02)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, png, pdf)
 
 
 def save_lines(ds, png, pdf, title=None):
@@ -55,7 +91,7 @@ def save_lines(ds, png, pdf, title=None):
     ax.legend(frameon=False)
     ax.set_title(title or "")
     fig.tight_layout()
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)
 
 
 def save_grid(datasets, titles, png, pdf, columns=2):
@@ -71,4 +107,4 @@ def save_grid(datasets, titles, png, pdf, columns=2):
     for ax in list(axes.flat)[len(datasets):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, label="Avg JS Divergence", fraction=0.04, pad=0.02, shrink=0.8)
-    _save(fig, png, pdf)
+    save_figure(fig, png, pdf)

@@ -26,12 +26,15 @@ def package_versions():
 
 
 def method(attrs):
-    """A short description of a result's intervention, e.g. 'ablate (mean), window 3'."""
+    """A short description of a result's intervention, e.g. 'ablate (mean), window 3' or 'noise, window 10,
+    10 noise samples'."""
     text = attrs["intervention"]
     if attrs.get("ablation_value"):
         text += f" ({attrs['ablation_value']})"
     if int(attrs.get("window", 1)) > 1:
         text += f", window {attrs['window']}"
+    if int(attrs.get("noise_samples", 1)) > 1:
+        text += f", {attrs['noise_samples']} noise samples"
     return text
 
 
@@ -67,6 +70,20 @@ def attributes(config, run_name, model_source, weights_sha256, dataset_sha256, d
         "dtype": run["dtype"],
         "config_yaml": run_config_yaml(config, run_name),
     }
+    attrs.update({f"version_{k}": v for k, v in package_versions().items()})
+    return attrs
+
+
+def trace_attributes(config, trace_name, identity, facts_sha256):
+    """What a trace's file records besides its own settings: the model (source, weights sha256 or hub commit),
+    the dataset and its facts' sha256, the trace's config as YAML, and the package versions."""
+    spec = config["traces"][trace_name]
+    used = {"trace": {trace_name: spec}, "model": {spec["model"]: config["models"][spec["model"]]}}
+    attrs = {"trace": trace_name, "model": spec["model"], "model_source": identity["source"],
+             "model_revision": config["models"][spec["model"]].get("revision") or "",
+             "model_weights_sha256": identity["weights_sha256"] or "", "model_commit": identity["commit"],
+             "dataset": spec.get("dataset", ""), "facts_sha256": facts_sha256, "dtype": spec["dtype"],
+             "config_yaml": yaml.safe_dump(used, sort_keys=False)}
     attrs.update({f"version_{k}": v for k, v in package_versions().items()})
     return attrs
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import xarray as xr
 
 from . import config as cfg
-from . import provenance, shards, synthetic
+from . import heads, provenance, shards, synthetic, tracefacts
 from .facts import check_sha256, download, load_jsonl, read_facts, sha256_file, write_jsonl
 from .errors import UserError
 from .interventions import from_run
 from .loading import load_model, load_tokenizer, read_identity
-from .quantities import TARGET_TOP
+from .stacking import stacked
 from .storage import atomic_path, write_netcdf
 
 log = logging.getLogger("patchmap")
@@ -195,18 +195,22 @@ def patch(config, run_name, pairs_path, shard, identity_path, out, activations_o
     write_netcdf(ds.merge(token_table(tokenizer, ds, shard_pairs)), out)
 
 
+STACKED = ("label", "component", "positions")  # the per-site coordinates of a shard's patch file
+
+
 def stack_sites(per_site, sites):
-    """One shard's per-site results (example x layer each) as one dataset with a `site` dimension (site
-    names); the unpatched target's top tokens, the same for every site, once."""
-    first = per_site[sites[0].name]
-    ds = xr.concat([per_site[s.name].drop_vars(list(TARGET_TOP)).drop_attrs(deep=False) for s in sites], dim="site",
-                   join="exact")
-    ds = ds.assign_coords(site=[s.name for s in sites], label=("site", [s.label for s in sites]),
-                          component=("site", [s.component for s in sites]),
-                          positions=("site", [s.positions for s in sites])).transpose("example", "site", "layer", ...)
-    for name in TARGET_TOP:
-        ds[name] = first[name]
-    ds.attrs.update({k: first.attrs[k] for k in ("js_base", "window")})
+    """One shard's per-site results (example x layer each; x head for a head site) as one dataset with a
+    `site` dimension (site names); head sites along `head_site` (patchmap.heads); the unpatched target's top
+    tokens, the same for every site, once."""
+    def stack(group):
+        ds = stacked([per_site[s.name].drop_attrs(deep=False) for s in group], "site", join="exact")
+        ds = ds.assign_coords(site=[s.name for s in group], label=("site", [s.label for s in group]),
+                              component=("site", [s.component for s in group]),
+                              positions=("site", [s.positions for s in group]))
+        return ds.transpose("example", "site", "layer", ...)
+
+    ds = heads.joined(stack, sites)
+    ds.attrs.update({k: per_site[sites[0].name].attrs[k] for k in ("js_base", "window")})
     return ds
 
 
@@ -218,9 +222,8 @@ def divergence(config, run_name, pairs_path, patch_paths, identity_path, dataset
     sites = cfg.run_sites(config, run_name)
     patched = [xr.load_dataset(p) for p in patch_paths]
     tokens = [ds[["token_text"]] for ds in patched if "token_text" in ds]  # absent from shards made before it
-    patched = [ds.drop_vars(["label", "component", "positions", "token_text", "token_id"], errors="ignore")
-               for ds in patched]
-    per_site = {s.name: [ds.sel(site=s.name, drop=True) for ds in patched] for s in sites}
+    patched = [ds.drop_vars(["token_text", "token_id"], errors="ignore") for ds in patched]
+    per_site = {s.name: [heads.one_site(ds, s, STACKED) for ds in patched] for s in sites}
     ds = merge_sites(per_site, sites, cfg.js_base(run), run["seed"])
     if tokens:
         ds = ds.merge(xr.merge(tokens, join="outer"))
@@ -264,3 +267,32 @@ def figure(config, figure_name, divergence_paths, png, pdf):
     datasets = [xr.load_dataset(p) for p in divergence_paths]
     titles = [f"{ds.attrs['run']}: {ds.attrs['model']}, {provenance.method(ds.attrs)}" for ds in datasets]
     save_grid(datasets, titles, png, pdf, spec["columns"])
+
+
+def trace(config, trace_name, facts_path, identity_path, out):
+    """results/traces/{trace}/trace.nc: the token trace of every fact of a trace (patchmap.traces), with one
+    model load: a netCDF group per fact (named after it), the provenance in the root group. `facts_path`:
+    the facts of the trace's dataset (None for a trace without one)."""
+    from tqdm.auto import tqdm
+
+    from .traces import TraceSettings, trace_fact
+    spec = config["traces"][trace_name]
+    dataset = load_jsonl(facts_path) if facts_path else []
+    facts = [tracefacts.fact_and_source(spec, name, dataset, f"trace '{trace_name}'")
+             for name in tracefacts.names(spec)]  # a fact id not in the dataset stops here, before the model loads
+    model, tokenizer = load_model(config["models"][spec["model"]], identity_path, spec["dtype"], spec["device"])
+    log.info("tracing %d facts with %s: %s", len(facts), spec["intervention"],
+             ", ".join(f"{c} (window {spec['window'][c]})" for c in spec["components"]))
+    groups = {}
+    for name, (index, fact, source) in zip(tqdm(tracefacts.names(spec), desc="trace", unit="fact"), facts):
+        groups[name] = trace_fact(model, tokenizer, fact, source, TraceSettings.from_spec(spec),
+                                  noise_facts=dataset or tracefacts.inline_facts(spec), index=index, progress=False)
+    root = xr.Dataset(attrs=provenance.trace_attributes(config, trace_name, read_identity(identity_path),
+                                                        sha256_file(facts_path) if facts_path else ""))
+    write_netcdf(xr.DataTree.from_dict({"/": root, **{f"/{name}": ds for name, ds in groups.items()}}), out)
+
+
+def trace_figure(trace_path, fact_name, png, pdf):
+    """One traced fact's figure in ROME's layout, from its group of the trace's file."""
+    from .plot_trace import save_trace
+    save_trace(xr.load_dataset(trace_path, group=fact_name), png, pdf)

@@ -1,6 +1,6 @@
 """The numbers behind a heatmap, as text: `python -m patchmap.summary results/default/divergence.nc`
-prints the mean JS of each site and layer, the pair counts, and how the default figure's three rows
-compare with JS(source, target)."""
+prints the mean JS of each site and layer (and of each head site's heads), the pair counts, and how the
+default figure's three rows compare with JS(source, target)."""
 
 import argparse
 import os
@@ -18,6 +18,14 @@ def js_table(ds, digits=2):
     frame = ds["js_mean"].to_pandas().round(digits)
     frame.columns = [str(c) for c in frame.columns]
     frame.columns.name = "layer"
+    return frame.to_string()
+
+
+def head_table(ds, head_site, digits=2):
+    """A head site's head_js_mean as text: one row per layer, one column per head."""
+    frame = ds["head_js_mean"].sel(head_site=head_site).to_pandas().round(digits)
+    frame.columns = [str(c) for c in frame.columns]
+    frame.columns.name = "head"
     return frame.to_string()
 
 
@@ -61,11 +69,14 @@ def three_stages(js_mean):
 
 
 def print_summary(ds):
-    print(js_table(ds))
+    if "site" in ds.dims:
+        print(js_table(ds))
+    for head_site in ds["head_site"].values if "head_site" in ds.dims else []:
+        print(f"{head_site}: mean JS per layer and head\n{head_table(ds, head_site)}")
     print("pairs:", ", ".join(f"{k} {v}" for k, v in counts(ds).items()))
     if SHORTFALL in ds.attrs:
         print(ds.attrs[SHORTFALL])
-    sites = list(ds["site"].values)
+    sites = list(ds["site"].values) if "site" in ds.dims else []
     if SUBJECT in sites and LAST in sites:
         js_mean = ds["js_mean"]
         print(f"mean JS(source, target) = {LAST} at the last layer = {plateau(js_mean):.3f}; "
@@ -82,7 +93,7 @@ def main(argv=None):
         ds = xr.load_dataset(args.divergence)
     except (OSError, ValueError) as e:
         sys.exit(f"patchmap: cannot read {args.divergence} as a netCDF file ({e}); give a run's divergence.nc")
-    if "js_mean" not in ds:
+    if "js_mean" not in ds and "head_js_mean" not in ds:
         sys.exit(f"patchmap: {args.divergence} holds no js_mean: is it a run's divergence.nc?")
     sys.stdout.reconfigure(errors="backslashreplace")  # a site label the terminal cannot encode
     try:

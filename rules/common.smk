@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from patchmap import config as cfg
-from patchmap import interventions
+from patchmap import interventions, tracefacts
 from patchmap.errors import UserError
 from patchmap.schema import name_pattern
 from patchmap.storage import check_writable_folders
@@ -32,6 +32,8 @@ wildcard_constraints:
     model=name_pattern(),
     dataset=name_pattern(),
     figure=name_pattern(),
+    trace=name_pattern(),
+    fact=name_pattern(),
     shard=r"\d+",
 
 
@@ -68,9 +70,26 @@ def facts_file(wildcards):
     return filled(rules.facts.output[0], dataset=run_of(wildcards)["dataset"])
 
 
+def trace_of(wildcards):
+    return config["traces"][wildcards.trace]
+
+
+def trace_facts_file(wildcards):
+    """The facts of a trace's dataset (the facts rule's output), or nothing for a trace without one."""
+    dataset = trace_of(wildcards).get("dataset")
+    return [filled(rules.facts.output[0], dataset=dataset)] if dataset else []
+
+
+def traced_facts():
+    """(trace, fact name) of every traced fact, in config order."""
+    return [(name, fact) for name, spec in config["traces"].items() for fact in tracefacts.names(spec)]
+
+
 def model_name(wildcards):
-    """The model a job runs: its {model} wildcard, or its run's model."""
-    return wildcards.model if "model" in wildcards.keys() else run_of(wildcards)["model"]
+    """The model a job runs: its {model} wildcard, or its run's or trace's model."""
+    if "model" in wildcards.keys():
+        return wildcards.model
+    return trace_of(wildcards)["model"] if "trace" in wildcards.keys() else run_of(wildcards)["model"]
 
 
 def model_source(name):
@@ -136,9 +155,11 @@ def patch_files(wildcards):
 # (one GPU job at a time), and ignore the rest; profiles/slurm turns them into
 # sbatch options (--gpus, --cpus-per-task, --mem, -t). A retry (--retries) asks for more memory and time.
 def job_device(wildcards):
-    """The device a job's model runs on: its run's, or for predictions the predicting run's."""
+    """The device a job's model runs on: its run's or trace's, or for predictions the predicting run's."""
     if "run" in wildcards.keys():
         return run_of(wildcards)["device"]
+    if "trace" in wildcards.keys():
+        return trace_of(wildcards)["device"]
     return predicting_run(wildcards)["device"]
 
 

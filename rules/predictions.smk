@@ -15,6 +15,7 @@ rule predictions:
         "results/predictions/benchmarks/{model}/{dataset}/{dtype}.tsv"
     wildcard_constraints:
         dtype="float32|bfloat16|float16",
+    priority: 1  # every run waits for it: it starts before the jobs no run waits for (traces) take the cores
     threads: model_threads
     resources:
         gpu=device_gpus,

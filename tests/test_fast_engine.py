@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from families import FAMILIES, build_model
-from patch_runs import ALL_SITES, engines_agree, extract, patch_job, run_intervention
+from patch_runs import ALL_SITES, HEAD_SITES, engines_agree, extract, patch_job, run_intervention
 
 from patchmap import models, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.engines.fast.blocks import FastEngine
+from patchmap.engines.fast.driver import run_fast
 from patchmap.engines.memory import is_out_of_memory
 from patchmap.engines import flops
 from patchmap.engines import reference as reference_engine
 from patchmap.errors import UserError
+from patchmap.job import PatchJob
 from patchmap.sites import COMPONENTS, Site
 from tolerances import assert_datasets_close
 
@@ -54,13 +56,36 @@ def load_family(tmp_path_factory, world):
 
 
 def test_fast_equals_reference_for_every_site(each_family, pairs_for):
+    """Every component and position group, and every head of head sites (their query heads, for the
+    families whose tiny models have fewer key/value heads)."""
     model, tokenizer = each_family
     pairs = pairs_for(model, tokenizer, examples=10, seed=1)
     assert len(set(pairs["length"].values.tolist())) > 1, "the test needs prompts of different lengths"
-    reference, _, _ = engines_agree(model, tokenizer, pairs, extract(model, tokenizer, pairs, ALL_SITES, batch_size=5),
-                                    ALL_SITES, batch_size=5)
-    # the comparison means something: patching moves the distribution a lot somewhere
+    sites = ALL_SITES + HEAD_SITES
+    reference, _, _ = engines_agree(model, tokenizer, pairs, extract(model, tokenizer, pairs, sites, batch_size=5),
+                                    sites, batch_size=5)
+    # the comparison means something: patching moves the distribution a lot somewhere, a single head too
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
+    assert max(float(reference[s.name]["js"].max()) for s in HEAD_SITES) > 0.01
+    heads = reference[HEAD_SITES[0].name]
+    assert heads["js"].dims == ("example", "layer", "head")
+    assert list(heads["head"].values) == list(range(models.head_shape(model)[0]))
+
+
+@pytest.mark.parametrize("positions", ["subject", "last"])
+def test_all_heads_at_once_equal_the_attention_output(each_family, pairs_for, positions):
+    """A head site written at every head together (no `head` chosen) writes the output projection's whole
+    input: its output is then the source's attention output, so the numbers are the attn site's."""
+    model, tokenizer = each_family
+    pairs = pairs_for(model, tokenizer, examples=6, seed=1)
+    heads, attn = Site("heads", "Heads", "head", positions), Site("attn", "Attn", "attn", positions)
+    job = PatchJob(model=model, pairs=pairs, sites=[heads, attn], layers=list(range(models.n_layers(model))),
+                   batch_size=3, pad_id=tokenizer.pad_token_id, intervention=run_intervention("swap"),
+                   sources=extract(model, tokenizer, pairs, [heads, attn]), progress=False)
+    for engine in (reference_engine.run_reference, run_fast):
+        result = engine(job)
+        assert float(result["attn"]["js"].max()) > 0.01  # far above the tolerance (1e-5)
+        assert_datasets_close({"site": result["attn"]}, {"site": result["heads"]})
 
 
 def test_without_the_span_path_and_with_it_the_subject_row_agrees(load_family, pairs_for):
@@ -86,9 +111,11 @@ def _intervention_job(pairs_for, model, tokenizer, intervention, sites, examples
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):
     model, tokenizer = load_family(family)
-    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, ALL_SITES, 8, 1, 4)
-    reference, _, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=4)
+    sites = ALL_SITES + HEAD_SITES
+    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, sites, 8, 1, 4)
+    reference, _, engine = engines_agree(model, tokenizer, pairs, acts, sites, batch_size=4)
     assert max(float(ds["js"].max()) for ds in reference.values()) > 0.05
+    assert max(float(reference[s.name]["js"].max()) for s in HEAD_SITES) > 0.01
     # the span path (source keys and values in the prefix) needs a real source run: noise has one, ablation not
     assert (engine.stats["span_runs"] > 0) == (intervention == "noise")
 
@@ -97,11 +124,12 @@ def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, fa
 @pytest.mark.parametrize("intervention", ["swap", "noise", "ablate-mean"])
 def test_fast_equals_reference_with_a_patch_window(load_family, pairs_for, family, intervention):
     """Windows of 2 and 3 layers (3-layer models: windows clipped at both ends, runs joining at different
-    blocks) on every component and position group."""
+    blocks) on every component and position group, and on one head site."""
     model, tokenizer = load_family(family)
-    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, ALL_SITES, 6, 2, 3)
+    sites = ALL_SITES + HEAD_SITES[:1]
+    pairs, acts = _intervention_job(pairs_for, model, tokenizer, intervention, sites, 6, 2, 3)
     for window in (2, 3):
-        _, fast, engine = engines_agree(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3, window=window)
+        _, fast, engine = engines_agree(model, tokenizer, pairs, acts, sites, batch_size=3, window=window)
         assert engine.stats["patched_runs"] > 0
         assert (engine.stats["span_runs"] > 0) == (intervention != "ablate-mean")
     single = patch_job(model, tokenizer, pairs, acts, ALL_SITES, batch_size=3)
@@ -118,10 +146,12 @@ def test_fast_equals_reference_for_attention_knockout(load_family, pairs_for, fa
         reference, _, engine = engines_agree(model, tokenizer, pairs, None, sites, batch_size=3, window=window)
         assert max(float(ds["js"].max()) for ds in reference.values()) > 0.01
         assert engine.stats["patched_runs"] > 0 and engine.stats["span_runs"] == 0
-    everything = [Site("all", "All", "attn", "all")]
+    everything, one_head = [Site("all", "All", "attn", "all")], [Site("heads", "Heads", "head", "subject")]
     for engine in ("fast", "reference"):
         with pytest.raises(UserError, match="would block every token the last one attends to"):
             patch_job(model, tokenizer, pairs, None, everything, batch_size=3, engine=engine)
+        with pytest.raises(UserError, match="would block one head's edges"):
+            patch_job(model, tokenizer, pairs, None, one_head, batch_size=3, engine=engine)
 
 
 def test_the_fast_engine_names_layers_a_window_needs_but_were_not_extracted(load_family, pairs_for):
@@ -137,8 +167,13 @@ def test_layout_modules_exist_and_are_distinct(each_family):
     model, _ = each_family
     for layer in range(models.n_layers(model)):
         modules = [models.component_module(model, c, layer) for c in COMPONENTS]
-        assert len({id(m) for m in modules}) == 3
+        assert len({id(m) for m in modules}) == len(COMPONENTS)
+        # the head component's module is inside the attention: its output projection
+        attention = models.attention_module(model, layer)
+        assert any(m is modules[COMPONENTS.index("head")] for m in attention.modules())
     assert models.final_modules(model), "every family has a final norm"
+    heads, head_dim = models.head_shape(model)
+    assert heads == 4 and heads * head_dim == models.component_width(model, "head")  # query heads (4; kv: 2 or 4)
 
 
 def test_padded_batch_equals_one_at_a_time(load_family, pairs_for):

@@ -140,11 +140,12 @@ def test_every_allowed_position_group_has_positions():
 
 
 def test_the_jobs_that_run_no_model_import_neither_torch_nor_transformers():
-    """facts, the copy of the shipped weights, model_identity, ablation, divergence and the plots are jobs
-    of their own: each starts a fresh Python, and importing torch and transformers costs seconds there (more
-    than the job's own work)."""
+    """facts, the copy of the shipped weights, model_identity, ablation, divergence and the plots (the traces'
+    figures too) are jobs of their own: each starts a fresh Python, and importing torch and transformers costs
+    seconds there (more than the job's own work)."""
     code = ("import sys\n"
-            "from patchmap import ablation, aggregate, checkpoints, plot, provenance, runtime, shipped, stages\n"
+            "from patchmap import (ablation, aggregate, checkpoints, heads, plot, plot_trace, provenance, runtime,\n"
+            "                      shipped, stages, tracefacts)\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

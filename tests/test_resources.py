@@ -18,8 +18,10 @@ CONFIG = {
              "b": {"model": "big", "dataset": "facts", "sites": ["subj"], "examples": 4, "device": "cuda"},
              "c": {"model": "big", "dataset": "facts", "sites": ["subj"], "examples": 4, "device": "cuda",
                    "intervention": "ablate"}},
+    "traces": {"t": {"model": "small", "dataset": "facts", "facts": ["s000-city"]},
+               "u": {"model": "big", "dataset": "facts", "facts": ["s000-city"], "device": "cuda"}},
 }
-MODEL_RULES = {"train_builtin_model", "predictions", "extract", "patch", "patch_without_extraction"}
+MODEL_RULES = {"train_builtin_model", "predictions", "extract", "patch", "patch_without_extraction", "trace"}
 
 
 def dry_run_jobs(tmp_path):
@@ -42,10 +44,11 @@ def dry_run_jobs(tmp_path):
 
 def test_model_rules_ask_for_their_models_resources(tmp_path):
     jobs = dry_run_jobs(tmp_path)
-    assert {rule for rule, *_ in jobs} >= MODEL_RULES | {"facts", "divergence", "heatmap"}
+    assert {rule for rule, *_ in jobs} >= MODEL_RULES | {"facts", "divergence", "heatmap", "trace_figure"}
     for rule, wildcards, resources, threads in jobs:
         if rule in MODEL_RULES:
-            big = "run=b" in wildcards or "run=c" in wildcards or "model=big" in wildcards
+            big = any(f"{key}={name}" in wildcards for key, name in (("run", "b"), ("run", "c"), ("model", "big"),
+                                                                     ("trace", "u")))
             # a job asks for GPUs only where its run's device is not cpu (run a: cpu, the default), so the
             # local cap on GPU jobs leaves CPU runs alone; training always asks for the model's GPUs
             gpus = "2" if big else ("1" if rule == "train_builtin_model" else "0")

@@ -5,6 +5,7 @@ job)."""
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from workflow_utils import REPO, snakemake, snakemake_command, write_config
 
 from patchmap import config as cfg
-from patchmap import models, runtime, storage, synthetic
+from patchmap import layouts, models, runtime, storage, synthetic
 from patchmap.api import patch_heatmap
 from patchmap.encoding import encode_facts
 from patchmap.errors import UserError
@@ -114,7 +115,7 @@ def test_missing_or_empty_fields(tmp_path, row, field):
 # 4. unknown component or position group
 def test_unknown_component_and_position_group():
     assert error_of(with_change(["sites", "subj", "component"], "residual")) == (
-        "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']")
+        "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp', 'head']")
     assert "config error at sites.last.positions: 'final' is not one of ['subject', 'subject_first'" in \
         error_of(with_change(["sites", "last", "positions"], "final"))
 
@@ -273,6 +274,7 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"window": 0}, "argument window: 0 is less than the minimum of 1"),
     ({"js_base": 3}, "argument js_base: 3 is not one of [2, 'e']"),
     ({"noise_scale": -1}, "argument noise_scale: -1 is less than or equal to the minimum of 0"),
+    ({"intervention": "noise", "noise_samples": 0}, "argument noise_samples: 0 is less than the minimum of 1"),
     ({"seed": -1}, "argument seed: -1 is less than the minimum of 0"),
     ({"intervention": "swop"}, "argument intervention: 'swop' is not one of"),
     ({"engine": "turbo"}, "argument engine: 'turbo' is not one of ['fast', 'reference']"),
@@ -284,13 +286,15 @@ def test_api_takes_the_readme_facts(tiny_model, world):
     ({"layers": [7]}, "argument layers: layer 7 is out of range; the model has layers 0 to 2"),
     ({"sites": {}}, "argument sites: {} should be non-empty"),
     ({"sites": {"x": {"component": "residual", "positions": "last"}}},
-     "argument sites.x.component: 'residual' is not one of ['resid', 'attn', 'mlp']"),
+     "argument sites.x.component: 'residual' is not one of ['resid', 'attn', 'mlp', 'head']"),
     ({"sites": {"x": {"component": "resid"}}}, "argument sites.x: 'positions' is a required property"),
     ({"sites": {"a": {"component": "resid", "positions": "last", "label": "L"},
                 "b": {"component": "attn", "positions": "last", "label": "L"}}},
      "argument sites.b: label 'L' is already used by site 'a'"),
     ({"intervention": "knockout", "sites": {"a": {"component": "resid", "positions": "all"}}},
      "argument sites: knockout at site 'a' (positions 'all')"),
+    ({"intervention": "knockout", "sites": {"a": {"component": "head", "positions": "subject"}}},
+     "argument sites: knockout at site 'a' (component head) would block one head's edges"),
     ({"facts": []}, "argument facts: there are no facts"),
     ({"facts": {"subject": "A"}}, "argument facts: expected a list of facts, found an object"),
     ({"facts": [{**GOOD_FACT, "id": 1}, {**GOOD_FACT, "id": "1"}]},
@@ -310,6 +314,16 @@ def test_api_arguments_are_checked_like_a_run(tiny_model, world, arguments, expe
     with pytest.raises(UserError) as error:
         patch_heatmap(model, tokenizer, facts, **arguments)
     assert expected in one_line(error)
+
+
+def test_a_head_site_on_a_family_without_a_known_output_projection(tiny_model, world, monkeypatch):
+    model, tokenizer = tiny_model
+    monkeypatch.setitem(layouts.LAYOUTS, "llama", dataclasses.replace(layouts.LAYOUTS["llama"], out_proj=None))
+    with pytest.raises(UserError) as error:
+        patch_heatmap(model, tokenizer, synthetic.facts(world), sites={"h": {"component": "head", "positions": "last"}},
+                      examples=2, known_only=False, progress=False)
+    assert "component 'head' needs the attention's output projection of 'llama' models, which patchmap's family " \
+           "table (patchmap/layouts.py) does not name; use component attn" in one_line(error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,6 +437,18 @@ def test_broken_model_folder_in_the_workflow(tmp_path):
     assert_one_clear_line(result, "patchmap: model folder 'empty-model' is empty")
     assert "model folder 'empty-model' is empty" in (tmp_path / "results/models/logs/m.identity.log").read_text()
     assert trusted_results(tmp_path) == ["datasets/d/facts.jsonl"]
+
+
+def test_a_trace_naming_a_fact_not_in_its_dataset_in_the_workflow(tmp_path, tiny_model_dir):
+    config = copy.deepcopy(PATH_RUN)
+    config["models"]["m"]["path"] = str(tiny_model_dir)
+    config["traces"] = {"t": {"model": "m", "dataset": "d", "facts": ["0", "nope"]}}
+    (tmp_path / "facts.jsonl").write_text(json.dumps(GOOD_FACT) + "\n")
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "results/traces/t/trace.nc")
+    assert_one_clear_line(result, "patchmap: trace 't': fact id 'nope' is not in the dataset (1 facts; ids like 0)")
+    assert "loaded model" not in (tmp_path / "results/traces/t/logs/trace.log").read_text()  # refused before
+    assert not (tmp_path / "results/traces/t/trace.nc").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -558,6 +584,12 @@ def _rename_run(name):
     return change
 
 
+def _trace(**settings):
+    def change(config):
+        config["traces"] = {"t": {"model": "m", "dataset": "d", "facts": ["f1"], **settings}}
+    return change
+
+
 @pytest.mark.parametrize("change, expected", [
     (_run_change(seed=-1), "config error at runs.r.seed: -1 is less than the minimum of 0"),
     (_run_change(layers=[0, 0]), "config error at runs.r.layers: layer 0 is listed twice"),
@@ -572,6 +604,21 @@ def _rename_run(name):
     (_rename_run("README.md"), "config error at runs.README.md: the run name 'README.md' is taken"),
     (lambda c: c["models"].update(logs={"builtin": {"dataset": "d"}}) or c["datasets"].update(d={"synthetic": {}}),
      "config error at models.logs: the model name 'logs' is taken by results/models/logs"),
+    (_rename_run("traces"), "config error at runs.traces: the run name 'traces' is taken by results/traces"),
+    (lambda c: c["sites"].update(h={"component": "head", "positions": "last"}) or c["runs"]["r"].update(sites=["h"])
+     or c.update(figures={"f": {"runs": ["r"]}}), "config error at figures.f.runs: run 'r' has head sites only"),
+    (_trace(window={"mlp": 0}), "config error at traces.t.window.mlp: 0 is less than the minimum of 1"),
+    (_trace(window={"resid": 0}), "config error at traces.t.window.resid: 0 is less than the minimum of 1"),
+    (_trace(facts=[{"subject": "Zed", "prompt": "Abel Bran lives in", "attribute": "Rome"}]),
+     "config error at traces.t.facts.0: subject 'Zed' does not occur in the prompt 'Abel Bran lives in'"),
+    (_trace(intervention="swap", facts=["f1", {"id": "f2", "source": {"subject": "Zed", "prompt": "Abel is",
+                                                                        "attribute": "x"}}]),
+     "config error at traces.t.facts.0: a swap trace patches each fact with its `source`"),
+    (_trace(facts=[{"id": "f2", "source": "f1"}]), "config error at traces.t.facts.0: `source` is for swap traces"),
+    (_trace(dataset="nope"), "config error at traces.t.dataset: 'nope' is not defined; defined datasets: d"),
+    (_trace(components=["resid", "head"]), "config error at traces.t.components.1: 'head' is not one of"),
+    (lambda c: _trace()(c) or c["traces"]["t"].pop("dataset"),
+     "config error at traces.t.facts.0: fact id 'f1' needs the trace's `dataset`"),
 ])
 def test_config_corners(change, expected):
     config = copy.deepcopy(PATH_RUN)

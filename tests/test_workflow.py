@@ -73,7 +73,7 @@ def test_second_run_has_nothing_to_do(finished_run):
     (lambda c: c["runs"]["tiny"].update(sites=["subj", "nope"]),
      "config error at runs.tiny.sites: site 'nope' is not defined; defined sites: subj, attn, mlp"),
     (lambda c: c["sites"]["subj"].update(component="residual"),
-     "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp']"),
+     "config error at sites.subj.component: 'residual' is not one of ['resid', 'attn', 'mlp', 'head']"),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, change, message):
     config = copy.deepcopy(TINY)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..layouts import INPUT_COMPONENTS
 from ..metrics import ROWS
 from ..models import component_module
 
@@ -59,19 +60,43 @@ def hooks(pairs):
             h.remove()
 
 
-def replace_hook(mask, values, combine=None):
-    """Write `values` [B, T, H] where `mask` [B, T] is true, into a module's output; with `combine`,
-    combine(output, values) there instead. An output flattened to [B * T, H] (OPT's fc2) is patched in the
-    same places and keeps its shape."""
-    def hook(module, args, output):
-        hidden = output_tensor(output)
+def replacing(mask, values, combine=None):
+    """A function of an activation [B, T, H] that writes `values` [B, T, H] where `mask` [B, T] is true;
+    with `combine`, combine(activation, values) there instead. An activation flattened to [B * T, H] (OPT's
+    fc2 output) is patched in the same places and keeps its shape."""
+    def replace(hidden):
         shaped = hidden.view(*mask.shape, hidden.shape[-1])
         new = values.to(hidden.device, hidden.dtype)
         if combine is not None:
             new = combine(shaped, new)
-        patched = torch.where(mask.to(hidden.device)[..., None], new, shaped)
-        return with_tensor(output, patched.view(hidden.shape))
+        return torch.where(mask.to(hidden.device)[..., None], new, shaped).view(hidden.shape)
+    return replace
+
+
+def replace_hook(mask, values, combine=None):
+    """A forward hook that writes `values` [B, T, H] into a module's output where `mask` [B, T] is true
+    (see replacing)."""
+    replace = replacing(mask, values, combine)
+
+    def hook(module, args, output):
+        return with_tensor(output, replace(output_tensor(output)))
     return hook
+
+
+def edit_hook(model, component: str, layer: int, edit) -> tuple:
+    """The (module, hook[, "pre"]) entry for `hooks` that replaces the activation of `component` at `layer`
+    by edit(activation): its module's output, or for a component in layouts.INPUT_COMPONENTS (head) its
+    module's input (the first argument), with a forward pre-hook."""
+    module = component_module(model, component, layer)
+    if component not in INPUT_COMPONENTS:
+        return module, lambda module, args, output: with_tensor(output, edit(output_tensor(output)))
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        name = next(iter(kwargs))
+        return args, {**kwargs, name: edit(kwargs[name])}
+    return module, pre_hook, "pre"
 
 
 def add_hook(delta):
@@ -114,10 +139,12 @@ def knockout_hook(blocked, query):
     return hook
 
 
-def capture_hook(store, key):
-    def hook(module, args, output):
-        store[key] = output_tensor(output).detach()
-    return hook
+def kept(store: dict, key):
+    """An edit (see edit_hook) that changes nothing and keeps the activation in store[key]."""
+    def keep(hidden):
+        store[key] = hidden.detach()
+        return hidden
+    return keep
 
 
 def report_non_finite(metrics: dict, where) -> None:
@@ -162,18 +189,25 @@ def last_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch
 @torch.no_grad()
 def capture(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
             components: list, layers: list) -> tuple:
-    """Activations {(component, layer): [B, T, H]} of an unpatched forward, plus its last log-probs."""
+    """Activations {(component, layer): [B, T, H]} of an unpatched forward, plus its last log-probs (H: the
+    component's width, models.component_width)."""
     store = {}
-    pairs = [(component_module(model, c, l), capture_hook(store, (c, l))) for c in components for l in layers]
-    with hooks(pairs):
+    with hooks([edit_hook(model, c, l, kept(store, (c, l))) for c in components for l in layers]):
         logprobs = last_logprobs(model, ids, mask, positions, lengths)
     return {k: v.view(*ids.shape, v.shape[-1]) for k, v in store.items()}, logprobs
 
 
 @torch.no_grad()
+def patched_logits(model, component: str, layer: int, ids, mask, positions, lengths, patch_mask: torch.Tensor,
+                   values: torch.Tensor, where: str = "") -> torch.Tensor:
+    """[B, V] float32 last-position logits of the target with `values` [B, T, H] written into `component` at
+    `layer` where `patch_mask` [B, T] is true."""
+    with hooks([edit_hook(model, component, layer, replacing(patch_mask, values))]):
+        return last_logits(model, ids, mask, positions, lengths, where)
+
+
 def patched_logprobs(model, component: str, layer: int, ids, mask, positions, lengths, patch_mask: torch.Tensor,
                      values: torch.Tensor, where: str = "") -> torch.Tensor:
-    """[B, V] last-position log-probs of the target with `values` [B, T, H] written into `component` at
-    `layer` where `patch_mask` [B, T] is true."""
-    with hooks([(component_module(model, component, layer), replace_hook(patch_mask, values))]):
-        return last_logprobs(model, ids, mask, positions, lengths, where)
+    """[B, V] the log-softmax of patched_logits."""
+    return torch.log_softmax(patched_logits(model, component, layer, ids, mask, positions, lengths, patch_mask,
+                                            values, where), dim=-1)

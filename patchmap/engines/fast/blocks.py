@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from ... import layouts, models
 from ...errors import UserError
-from ..hooks import hooks, output_tensor, with_tensor
+from ..hooks import edit_hook, hooks, output_tensor, with_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .schedule import RowIndex
 
@@ -164,7 +164,7 @@ class FastEngine:
                    write=None, mlp: str = "all", record: bool = False, blocked: torch.Tensor = None):
         """Block `layer` applied to hidden [R, W, H], the runs of `index`; `keys_values` = (keys, values)
         [B, kv heads, T, head dim] holds each example's keys and values before its suffix. `write` =
-        (module, rows, positions, new_values) rewrites a component's output there (write_rows);
+        (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
         `mlp` = "last" computes the MLP only at the last suffix position (all other positions of the last
         block feed nothing), "none" not at all; `blocked` [R, P + W] marks keys each row's last query may
         not attend to. Returns the output [R, W, H], and with `record` also the keys and values computed."""
@@ -187,13 +187,11 @@ class FastEngine:
             self.stats["mlp_tokens"] += len(keep)
             registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
         if write is not None:
-            module, write_at, positions, new_values = write
+            component, write_at, positions, new_values = write
 
-            def rewrite(mod, args, output):
-                h = output_tensor(output)
-                shaped = write_rows(h.reshape(rows, width, h.shape[-1]), write_at, positions, new_values)
-                return with_tensor(output, shaped.reshape(h.shape))
-            registered.append((module, rewrite))
+            def rewrite(h):
+                return write_rows(h.reshape(rows, width, h.shape[-1]), write_at, positions, new_values).reshape(h.shape)
+            registered.append(edit_hook(self.model, component, layer, rewrite))
         with hooks(registered):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:

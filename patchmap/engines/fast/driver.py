@@ -1,6 +1,7 @@
 """The fast engine's driver: a PatchJob batch by batch (one clean run per batch, shared by every site),
 site by site (the runs of each site's schedule through the block calls), then one output-embedding pass
-over every run of the batch for the logits and metrics."""
+over every run of the batch for the logits and metrics. With noise samples (patchmap.engines.samples) a
+batch's rows are the copies of its examples, and the metrics are those of the copies' mean distribution."""
 
 import logging
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ...metrics import Targets, patch_metrics
 from ...sites import site_positions
 from ..hooks import report_non_finite
 from ..memory import halve_range, halving_on_out_of_memory
+from ..samples import compared, compared_targets, copies, side_by_side
 from . import runs, schedule
 from .blocks import FastEngine
 from .clean import CleanRun
@@ -28,14 +30,16 @@ HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
 @dataclass
 class Batch:
-    """Examples a..b of a job, with their clean run: what the runs of every site on them share."""
+    """Examples a..b of a job, with their clean run: what the runs of every site on them share. The clean
+    run's rows are the examples' `samples` copies each (rows e x samples + k)."""
     a: int
     b: int
     clean: CleanRun
-    lengths: list        # [B] prompt lengths
+    lengths: list        # [B x samples] prompt lengths, per clean-run row
     answers: list        # [target answers [B], source answers [B]], on the output device
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
-    targets: Targets     # the clean run's next-token distributions, which every run is compared with
+    samples: int         # copies of each example
+    targets: Targets     # the unpatched targets' next-token distributions (of their copies' mean), [B, V]
 
 
 @dataclass
@@ -49,55 +53,58 @@ class PatchedRuns:
 
 @torch.no_grad()
 def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
-    """{site name: per-example metrics [example, layer]} for every site of the PatchJob `job` (each run
-    edits every layer of window_layers(layer, window), as the intervention's strategy says), from one clean
-    run per batch of examples shared by every site. `engine` reuses a FastEngine (its stats then count this
+    """{site key (Site.key): per-example metrics [example, layer]} for every site of the PatchJob `job` (each
+    run edits every layer of window_layers(layer, window), as the intervention's strategy says), from one
+    clean run per batch of examples shared by every site. `engine` reuses a FastEngine (its stats then count this
     job too); else one is made with `options` (max_tokens, fail_above, spans)."""
     # 1. what every batch needs: prompts, the sites' positions, answers, where runs may share the source's prefix
     engine = engine or FastEngine(job.model, **options)
     pairs, n = job.pairs, job.n_examples
     targets = token_lists(pairs, "target_ids")
     lengths = [len(t) for t in targets]
-    positions = {s.name: site_positions(pairs, s) for s in job.sites}
-    results = {s.name: job.empty_results() for s in job.sites}
+    positions = {s.key: site_positions(pairs, s) for s in job.sites}
+    results = {s.key: job.empty_results() for s in job.sites}
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values, device=engine.output_device) for r in ("target", "source")]
     same_until = job.intervention.same_until(pairs, targets, token_lists(pairs, "source_ids"))
     first = min(window_layers(layer, job.window, engine.n_layers)[0] for layer in job.layers)
     available = extracted_layers(job, engine.n_layers)
+    samples = job.intervention.samples  # noised copies of each example in the clean runs
     bar = tqdm(total=n, desc="patch (fast)", unit="example", disable=not job.progress)
 
     def clean_run(examples):
         a, b = examples
         noise = job.intervention.target_noise(pairs, a, b, max(lengths[a:b]), job.model.config.hidden_size)
-        return engine.clean_run(targets[a:b], job.pad_id, noise)
+        return engine.clean_run(copies(targets[a:b], samples), job.pad_id, noise)
 
-    # 2. batch by batch: the clean run (halved if it runs out of memory) ...
+    # 2. batch by batch: the clean run of every copy (halved if it runs out of memory) ...
     for (a, b), clean in halving_on_out_of_memory(
             job.batches(), clean_run, halve_range, lambda ab: f"in the clean run of examples {ab[0]}-{ab[1] - 1}",
-            on_retry=lambda ab: engine.shrink_budget(sum(lengths[ab[0]:ab[1]]))):
+            on_retry=lambda ab: engine.shrink_budget(samples * sum(lengths[ab[0]:ab[1]]))):
         use_prefix = len(clean.keys_values) == engine.n_layers
         if not use_prefix and "prefix" not in engine.warned:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
-        batch = Batch(a, b, clean, lengths[a:b], [x[a:b] for x in answers], use_prefix,
-                      Targets.from_logits(clean.target_logits))
-        # 3. ... the patched runs of every site ...
+        batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
+                      compared_targets(clean.target_logits, samples))
+        # 3. ... the patched runs of every site (positions per clean-run row) ...
         patched = []
         for number, site in enumerate(job.sites):
-            here = positions[site.name][a:b]
-            spans = schedule.spans(site, here, batch.lengths, first, available, engine.n_layers,
-                                   None if same_until is None else same_until[a:b], use_prefix and engine.spans)
-            patched += site_runs(engine, job, batch, number, positions=here, spans=spans, first=first)
-            unpatched(batch, here, job.js_base, results[site.name])
+            here = positions[site.key][a:b]
+            rows = copies(here, samples)
+            spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
+                                   None if same_until is None else copies(same_until[a:b], samples),
+                                   use_prefix and engine.spans)
+            patched += site_runs(engine, job, batch, number, positions=rows, spans=spans, first=first)
+            unpatched(batch, here, job.js_base, results[site.key])
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
         for site in job.sites:
-            results[site.name]["target_top_token"][a:b], results[site.name]["target_top_prob"][a:b] = target_top
+            results[site.key]["target_top_token"][a:b], results[site.key]["target_top_prob"][a:b] = target_top
         bar.update(b - a)
     bar.close()
-    return {site.name: job.site_result(site, results[site.name]) for site in job.sites}
+    return {site.key: job.site_result(site, results[site.key]) for site in job.sites}
 
 
 def extracted_layers(job: PatchJob, n_layers: int) -> set:
@@ -115,12 +122,12 @@ def extracted_layers(job: PatchJob, n_layers: int) -> set:
 
 def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
     """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
-    clean, answers, a = batch.clean, batch.answers, batch.a
+    targets, answers, a = batch.targets, batch.answers, batch.a
     for e, ps in enumerate(positions):
         if not ps:
-            row = torch.tensor([e], device=clean.target_logits.device)
-            same = patch_metrics(clean.target_logits[e:e + 1].clone(), batch.targets, row, answers[0][e:e + 1],
-                                 answers[1][e:e + 1], base, logits=True)
+            row = torch.tensor([e], device=targets.logprobs.device)
+            same = patch_metrics(targets.logprobs[e:e + 1].clone(), targets, row, answers[0][e:e + 1],
+                                 answers[1][e:e + 1], base)
             for k, v in same.items():
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
@@ -162,31 +169,36 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int,
 def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
     """Logits and metrics of every PatchedRuns of a clean batch, into `results` {site: {metric: [example,
     layer]}}: the output embedding on chunks of many runs at once (sites and layers together), each chunk's
-    logits turned into log-probs and compared with their targets piece by piece while in cache."""
+    logits turned into log-probs and compared with their targets piece by piece while in cache; with noise
+    samples, the metrics of each run's copies' mean distribution."""
     if not patched:
         return
-    answers, a = batch.answers, batch.a
+    answers, a, samples = batch.answers, batch.a, batch.samples
     site_of = torch.cat([torch.full((len(p.rows),), p.site_number, dtype=torch.long) for p in patched])
     rows = torch.cat([p.rows for p in patched])
     layer_ids = torch.cat([p.layer_ids for p in patched])
     hidden = torch.cat([p.hidden for p in patched])
+    site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    step = max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab))
+    step = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
         logits = engine.head(hidden[part])  # [step, V] float32
         engine.stats["head_rows"] += logits.shape[0]
-        here = rows[part].to(logits.device)
+        compared_runs, is_logits = compared(logits, samples)  # a row per run
+        part = slice(c, c + step, samples)
+        here = rows[part].to(logits.device) // samples
         metrics = {k: v.cpu().numpy() for k, v in patch_metrics(
-            logits, batch.targets, here, answers[0][here], answers[1][here], job.js_base, logits=True).items()}
+            compared_runs, batch.targets, here, answers[0][here], answers[1][here], job.js_base, logits=is_logits).items()}
 
         def where(bad, c=c):
-            site = job.sites[int(site_of[c + bad])]
-            return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[c + bad])]}"
+            run = c + bad * samples
+            site = job.sites[int(site_of[run])]
+            return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[run])]}"
         report_non_finite(metrics, where)
         sites_here = site_of[part].numpy()
-        ex_index, li_index = a + rows[part].cpu().numpy(), layer_ids[part].cpu().numpy()
+        ex_index, li_index = a + here.cpu().numpy(), layer_ids[part].cpu().numpy()
         for number in np.unique(sites_here):
             mine = sites_here == number
             for k, v in metrics.items():
-                results[job.sites[number].name][k][ex_index[mine], li_index[mine]] = v[mine]
+                results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]

@@ -11,16 +11,18 @@ one clean batch join the block calls and what each call does to them.
 import numpy as np
 import torch
 
-from ... import models
 from .blocks import write_rows
 
 
 class Sources:
-    """The source activations of one site for the examples a..b of a clean batch, by model layer."""
+    """The source activations of one site for the examples a..b of a clean batch, by model layer: one row
+    per clean-run row (each example's `samples` copies share its source)."""
 
-    def __init__(self, acts, site, a: int, b: int, engine):
+    def __init__(self, acts, site, a: int, b: int, engine, samples: int = 1):
         self.values = torch.from_numpy(np.ascontiguousarray(acts[f"act_{site.name}"].values[a:b])).to(
             engine.device, engine.dtype)                                     # [B, layer, slot, H]
+        if samples > 1:
+            self.values = self.values.repeat_interleave(samples, dim=0)     # [B x samples, layer, slot, H]
         self.index = {int(layer): i for i, layer in enumerate(acts["layer"].values)}
 
     def __call__(self, rows: torch.Tensor, slots: torch.Tensor, layer: int) -> torch.Tensor:
@@ -63,7 +65,7 @@ class WriteRuns:
         write = None if self.into_output else self._writes(group, runs, n, block)
         if write is None:
             return {}
-        return {"write": (models.component_module(self.engine.model, self.component, block), *write)}
+        return {"write": (self.component, *write)}
 
     def after_block(self, hidden: torch.Tensor, group, runs: list, n: int, block: int) -> torch.Tensor:
         """hidden [R, W, H] after the block: for resid, the source written into the runs' block output."""
