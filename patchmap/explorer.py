@@ -69,12 +69,14 @@ def write_explorer(divergence_path, pairs_path, out):
         raise UserError(f"cannot draw the explorer of {divergence_path}: {error}") from None
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
-    log.info("wrote %s: %.1f MB, %d examples x %d sites x %d layers", out, len(page.encode()) / 1e6,
-             ds.sizes["example"], ds.sizes["site"], ds.sizes["layer"])
+    rows = with_heads_as_rows(ds)
+    log.info("wrote %s: %.1f MB, %d examples x %d rows (sites, heads) x %d layers", out, len(page.encode()) / 1e6,
+             rows.sizes["example"], rows.sizes["site"], rows.sizes["layer"])
 
 
 def explorer_html(ds, pairs):
     """The explorer page of a divergence dataset and its pairs dataset, as one HTML string."""
+    ds = with_heads_as_rows(ds)
     pairs = checked_pairs(ds, pairs)
     top = top_tokens(ds, pairs)
     header, arrays = page_data(ds, pairs, top)
@@ -89,6 +91,40 @@ def explorer_html(ds, pairs):
         data=packed(header, arrays),
         js=(HERE / "explorer.js").read_text(encoding="utf-8"),
     )
+
+
+# the variables of a heatmap row (a site, or a head of a head site)
+ROW_VARIABLES = (*METRICS, *(f"{m}_mean" for m in METRICS), "js_ci_low", "js_ci_high", "top_token", "top_prob")
+ROW_COORDS = ("component", "positions")
+
+
+def with_heads_as_rows(ds):
+    """A run's results with its head sites' heads as rows of the site x layer heatmap, after its other
+    sites: head h of head site "Heads@last" is the row "Heads@last h", so a head site shows as a head x layer
+    block (patchmap.heads stores head sites along `head_site`, in variables prefixed head_)."""
+    if "head_site" not in ds.dims:
+        return ds
+    blocks = [ds[[v for v in ROW_VARIABLES if v in ds]].reset_coords(drop=True)] if "site" in ds.dims else []
+    for head_site in ds["head_site"].values:
+        one = ds.sel(head_site=head_site)
+        block = xr.Dataset({v: one[f"head_{v}"] for v in ROW_VARIABLES if f"head_{v}" in ds}).reset_coords(drop=True)
+        block = block.rename(head="site").assign_coords(site=[f"{head_site} {h}" for h in ds["head"].values])
+        blocks.append(block)
+    rows = xr.concat(blocks, dim="site", join="exact") if len(blocks) > 1 else blocks[0]
+    rows = rows.transpose("example", "site", "layer", ...)
+    details = {c: [str(v) for v in ds[c].values] if "site" in ds.dims and c in ds.coords else [] for c in ROW_COORDS}
+    for c in ROW_COORDS:
+        for head_site in ds["head_site"].values:
+            value = str(ds[f"head_{c}"].sel(head_site=head_site).values) if f"head_{c}" in ds.coords else ""
+            details[c] += [f"{value} {h}" if c == "component" else value for h in ds["head"].values]
+    rows = rows.assign_coords({c: ("site", details[c]) for c in ROW_COORDS})
+    kept = ds[[v for v in ds.data_vars if v not in ROW_VARIABLES and not v.startswith("head_")
+               and "site" not in ds[v].dims]]
+    out = rows.merge(kept.drop_dims([d for d in ("site", "head_site", "head") if d in kept.dims]), join="exact")
+    for v in METRICS:
+        out[v].attrs = (ds[v] if v in ds else ds[f"head_{v}"]).attrs
+    out.attrs = ds.attrs
+    return out
 
 
 def checked_pairs(ds, pairs):
@@ -166,8 +202,8 @@ def notices(ds):
 def run_summary(ds):
     a = ds.attrs
     return (f"model {a.get('model', '?')}, {provenance.method(a) if 'intervention' in a else '?'}, dataset "
-            f"{a.get('dataset', '?')}: {ds.sizes['example']} examples, {ds.sizes['site']} sites x "
-            f"{ds.sizes['layer']} layers")
+            f"{a.get('dataset', '?')}: {ds.sizes['example']} examples, {ds.sizes['site']} rows (sites, or heads of "
+            f"head sites) x {ds.sizes['layer']} layers")
 
 
 def subject_span(prompt, subject):

@@ -20,6 +20,7 @@ from workflow_utils import TINY, snakemake, write_config
 
 from patchmap import explorer
 from patchmap.errors import UserError
+from patchmap import heads
 from patchmap.explorer_demo import paper_sized_run
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,6 +79,31 @@ def test_the_page_holds_the_files_numbers_exactly():
     span = header["examples"]["target_span"][0]
     assert ds["target_prompt"].values[0][span[0]:span[1]] == pairs["target_subject"].values[0]
     assert unpacked(page, "plotly-js").decode().lstrip().startswith("/**\n* plotly.js v")
+
+
+def test_a_head_site_shows_its_heads_as_rows_after_the_other_sites():
+    """A run with head sites (patchmap.heads: along head_site, variables prefixed head_): each head is a row
+    of the heatmap, "<head site> <head>", holding that head's numbers, so the head site is a head x layer block."""
+    ds, pairs = small_run()
+    n, layers, heads_ = ds.sizes["example"], ds.sizes["layer"], 3
+    per_head = {m: (("example", "site", "layer", "head"),
+                    np.broadcast_to(np.arange(heads_, dtype=ds[m].dtype), (n, 1, layers, heads_)).copy())
+                for m in ("js", "kl_patched_target", "kl_target_patched", "p_target_answer", "p_source_answer", "flip")}
+    for end in ("low", "high"):
+        per_head[f"js_ci_{end}"] = (("site", "layer", "head"), np.zeros((1, layers, heads_)))
+    for name in ("top_token", "top_prob"):  # each head: the first site's top tokens
+        per_head[name] = (("example", "site", "layer", "head", "rank"),
+                          np.repeat(ds[name].isel(site=[0]).values[:, :, :, None], heads_, axis=3))
+    per_head = xr.Dataset(per_head, coords={"site": ["Heads@last"], "head": np.arange(heads_),
+                                            "component": ("site", ["head"]), "positions": ("site", ["last"])})
+    with_heads = ds.merge(heads.prefixed(per_head, heads.PREFIX))
+    rows = explorer.with_heads_as_rows(with_heads)
+    assert list(rows["site"].values) == [*ds["site"].values, "Heads@last 0", "Heads@last 1", "Heads@last 2"]
+    assert list(rows["component"].values)[-3:] == ["head 0", "head 1", "head 2"]
+    for h in range(3):
+        np.testing.assert_array_equal(rows["js"].sel(site=f"Heads@last {h}").values, h)
+    np.testing.assert_array_equal(rows["js"].isel(site=slice(0, ds.sizes["site"])).values, ds["js"].values)
+    assert explorer.explorer_html(with_heads, pairs)  # the page draws
 
 
 def test_a_paper_sized_page_stays_under_10_mb():
