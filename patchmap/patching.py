@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from .engines.fast.blocks import FastEngine
 from .engines.fast.driver import run_fast
+from .engines.memory import keep_freed_memory
 from .engines.reference import run_reference
 from .errors import UserError
 from .job import PatchJob, stack_heads
@@ -32,6 +33,7 @@ def run_patch_job(job: PatchJob, engine="fast", **options) -> dict:
     (its `options`, e.g. max_tokens, go to FastEngine), "reference", or a FastEngine to reuse (its stats then
     count this job too)."""
     check_sites(job)
+    keep_freed_memory()
     if not isinstance(engine, FastEngine) and engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
     heads = head_shape(job.model)[0] if any(s.has_heads for s in job.sites) else 0

@@ -14,6 +14,7 @@ from ... import layouts, models
 from ...errors import UserError
 from ..hooks import edit_hook, hooks, output_tensor, with_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
+from .head import OutputHead
 from .schedule import RowIndex
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class FastEngine:
         self.final_norm_devices = [models.module_device(m) for m in self.final_norms]
         self.output_device = models.output_device(model)
         self.spread = len({self.device, self.output_device, *self.block_devices, *self.final_norm_devices}) > 1
+        self.output_head = OutputHead(model, self.final_norms, self.final_norm_devices, self.output_device,
+                                      getattr(self.config, "final_logit_softcapping", None))
         self.dtype = next(model.parameters()).dtype
         self.max_tokens = max_tokens or self._default_tokens()
         self.fail_above = fail_above
@@ -105,14 +108,9 @@ class FastEngine:
         return record_clean_run(self, sequences, pad_id, noise)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [R, V] from last-position hidden states [R, H] (the last block's output)."""
-        for module, device in zip(self.final_norms, self.final_norm_devices):
-            hidden = module(hidden.to(device))
-        logits = self.model.get_output_embeddings()(hidden.to(self.output_device))
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        """float32 logits [R, V] from last-position hidden states [R, H] (the last block's output), valid
+        until the next call (head.OutputHead reuses its buffer)."""
+        return self.output_head(hidden)
 
     def _mask(self, clean_mask, index):
         """Each row's attention mask over [its prefix, padded to index.prefix | its suffix], gathered from
