@@ -25,7 +25,7 @@ def groups(sites: list) -> list:
 def joined(stack, sites: list) -> xr.Dataset:
     """stack(sites) of each group (a dataset along `site`), the head sites' prefixed, merged into one."""
     parts = [prefixed(stack(group), prefix) for prefix, group in groups(sites)]
-    return parts[0] if len(parts) == 1 else xr.merge(parts, join="exact", combine_attrs="override")
+    return parts[0] if len(parts) == 1 else xr.merge(parts, join="exact", compat="no_conflicts", combine_attrs="override")
 
 
 def prefixed(ds: xr.Dataset, prefix: str) -> xr.Dataset:
