@@ -203,14 +203,15 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
     from patchmap import models
     from patchmap.engines.hooks import last_logprobs, pad_batch, position_mask
     from patchmap.engines.strategies import reference_source_values
-    from patchmap.metrics import patch_metrics
+    from patchmap.metrics import Targets, patch_metrics
     from patchmap.encoding import token_lists
     from patchmap.sites import site_positions
 
     wrapped = NNsight(model)
     targets = token_lists(pairs, "target_ids")
     ids, mask, pos, lengths = pad_batch(targets, pad_id, "cpu")
-    target = last_logprobs(model, ids, mask, pos, lengths)
+    target = Targets(last_logprobs(model, ids, mask, pos, lengths))
+    rows = torch.arange(len(targets))
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values) for r in ("target", "source")]
     layout = models.layout_for(model)
     results = {}
@@ -232,7 +233,7 @@ def nnsight_patch(model, pairs, acts, sites, layers, pad_id):
                 hidden[patch_mask] = values[layer][patch_mask]
                 logits = wrapped.output.logits.save()
             last = torch.log_softmax(logits[torch.arange(len(lengths)), lengths - 1].float(), -1)
-            per_layer.append(patch_metrics(last, target, *answers))
+            per_layer.append(patch_metrics(last, target, rows, *answers))
         results[site.name] = {k: _Values(torch.stack([m[k] for m in per_layer], 1).numpy()) for k in per_layer[0]}
     return results
 
@@ -251,14 +252,14 @@ def hook_loop(model, pairs, acts, site, layers, pad_id):
     from patchmap import models
     from patchmap.encoding import token_lists
     from patchmap.engines.hooks import hooks, last_logprobs, pad_batch
-    from patchmap.metrics import patch_metrics
+    from patchmap.metrics import Targets, patch_metrics
 
     heads, head_dim = models.head_shape(model)
     out = np.zeros((pairs.sizes["example"], len(layers), heads), np.float32)
     answers = [torch.as_tensor(pairs[f"{r}_answer"].values) for r in ("target", "source")]
     for e, ids in enumerate(token_lists(pairs, "target_ids")):
         batch = pad_batch([ids], pad_id, "cpu")
-        target = last_logprobs(model, *batch)
+        target = Targets(last_logprobs(model, *batch))
         for li, layer in enumerate(layers):
             source = torch.from_numpy(acts[f"act_{site.name}"].values[e, li, 0])  # [heads x head dim]
             for head in range(heads):
@@ -270,7 +271,8 @@ def hook_loop(model, pairs, acts, site, layers, pad_id):
                     return (x, *args[1:]), kwargs
                 with torch.no_grad(), hooks([(models.component_module(model, "head", layer), write, "pre")]):
                     patched = last_logprobs(model, *batch)
-                out[e, li, head] = patch_metrics(patched, target, answers[0][e:e + 1], answers[1][e:e + 1])["js"][0]
+                out[e, li, head] = patch_metrics(patched, target, torch.zeros(1, dtype=torch.long),
+                                                answers[0][e:e + 1], answers[1][e:e + 1])["js"][0]
     return out
 
 

@@ -197,7 +197,7 @@ def test_small_chunks_and_a_layer_subset_give_the_same_numbers(load_family, pair
 def test_out_of_memory_backs_off_without_changing_results(load_family, pairs_for, caplog):
     model, tokenizer = load_family("llama")
     pairs = pairs_for(model, tokenizer, examples=8, seed=1)
-    sites = [ALL_SITES[0], ALL_SITES[7]]
+    sites = [ALL_SITES[0], ALL_SITES[7], HEAD_SITES[2]]  # a head site's heads share block calls, split too
     acts = extract(model, tokenizer, pairs, sites, batch_size=8)
     plain = patch_job(model, tokenizer, pairs, acts, sites, batch_size=8)
     engine = FastEngine(model, max_tokens=10_000, fail_above=40)

@@ -60,9 +60,17 @@ class Write:
         return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine, batch.samples),
                          self.combine_at(engine.model, site))
 
+    def fast_head_runs(self, engine, sources, site, batch, positions: list) -> WriteRuns:
+        """The fast engine's runs of every head of head site `site` at once, each row writing its own head
+        (schedule.Group.heads): one block call serves the runs of all heads."""
+        heads, head_dim = head_shape(engine.model)
+        return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine, batch.samples),
+                         self.combine, [on_head(self.combine, h, head_dim) for h in range(heads)])
+
 
 class Block:
     """The last position may not attend to the site's positions (its component is ignored)."""
+    fast_head_runs = None  # knockout of one head's edges is refused (interventions.Knockout.site_problem)
 
     def reference_values(self, sources, site, positions, width, hidden, a, b):
         return None

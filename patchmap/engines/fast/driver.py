@@ -87,16 +87,18 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
                         "(slower, same numbers)", job.model.config.model_type)
         batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
                       compared_targets(clean.target_logits, samples))
-        # 3. ... the patched runs of every site (positions per clean-run row) ...
+        # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together ...
         patched = []
-        for number, site in enumerate(job.sites):
+        for numbers in sharing_calls(job):
+            site = job.sites[numbers[0]]
             here = positions[site.key][a:b]
             rows = copies(here, samples)
             spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else copies(same_until[a:b], samples),
                                    use_prefix and engine.spans)
-            patched += site_runs(engine, job, batch, number, positions=rows, spans=spans, first=first)
-            unpatched(batch, here, job.js_base, results[site.key])
+            patched += site_runs(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
+            for number in numbers:
+                unpatched(batch, here, job.js_base, results[job.sites[number].key])
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
@@ -105,6 +107,24 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
         bar.update(b - a)
     bar.close()
     return {site.key: job.site_result(site, results[site.key]) for site in job.sites}
+
+
+def sharing_calls(job: PatchJob) -> list:
+    """The job's site numbers in lists whose runs share block calls: the one-head sites of a head site
+    (patchmap.sites.one_per_head) together, where the intervention's strategy writes per head
+    (fast_head_runs), every other site alone."""
+    if getattr(job.intervention.strategy, "fast_head_runs", None) is None:  # a strategy may not offer it
+        return [[number] for number in range(len(job.sites))]
+    out, heads_of = [], {}
+    for number, site in enumerate(job.sites):
+        if site.head is None:
+            out.append([number])
+        elif site.name in heads_of:
+            heads_of[site.name].append(number)
+        else:
+            heads_of[site.name] = [number]
+            out.append(heads_of[site.name])
+    return out
 
 
 def extracted_layers(job: PatchJob, n_layers: int) -> set:
@@ -132,20 +152,23 @@ def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
 
-def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int, positions: list, spans: list,
+def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, positions: list, spans: list,
               first: int) -> list:
-    """The PatchedRuns of every (example, layer) run of site `site_number` on one clean batch. `positions`:
+    """The PatchedRuns of every (example, layer) run of the sites `numbers` on one clean batch: one site, or
+    the one-head sites of a head site, whose runs then share the block calls (a row per head). `positions`:
     the site's in each example; `spans`: the span path's (schedule.spans); `first`: the first layer any
     window patches."""
-    site, clean, lengths = job.sites[site_number], batch.clean, batch.lengths
-    edit = job.intervention.strategy.fast_runs(engine, job.sources, site, batch, positions)
+    site, clean, lengths = job.sites[numbers[0]], batch.clean, batch.lengths
+    heads = [job.sites[number].head for number in numbers] if len(numbers) > 1 else []
+    strategy = job.intervention.strategy
+    edit = (strategy.fast_head_runs if heads else strategy.fast_runs)(engine, job.sources, site, batch, positions)
     keys_values_of = clean.keys_values.get
     if spans is not None and any(s is not None for s in spans):
         span_keys_values = engine.span_keys_values(
             clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None}, edit.sources, first + 1)
         keys_values_of = span_keys_values.get
     chunks = schedule.groups(positions, lengths, batch.use_prefix, spans, list(range(len(job.layers))),
-                             engine.max_tokens, engine.device, edit)
+                             engine.max_tokens, engine.device, edit, heads)
 
     def run(chunk):
         group, layer_ids = chunk
@@ -162,7 +185,13 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, site_number: int,
             on_retry=lambda chunk: engine.shrink_budget(tokens_in(chunk))):
         rows = group.examples.repeat(len(order))
         layer_ids = torch.as_tensor(order, device=engine.device).repeat_interleave(len(group.examples))
-        out.append(PatchedRuns(site_number, rows, layer_ids, hidden))
+        if group.heads is None:
+            out.append(PatchedRuns(numbers[0], rows, layer_ids, hidden))
+            continue
+        of_row = group.heads.repeat(len(order))
+        for head, number in zip(heads, numbers):
+            mine = of_row == head
+            out.append(PatchedRuns(number, rows[mine], layer_ids[mine], hidden[mine.to(hidden.device)]))
     return out
 
 

@@ -38,8 +38,9 @@ class WriteRuns:
     """Runs that write combine(base, source) at the site's positions of `component`."""
     writes_sources = True
 
-    def __init__(self, engine, component: str, sources: Sources, combine):
+    def __init__(self, engine, component: str, sources: Sources, combine, per_head: list = None):
         self.engine, self.component, self.sources, self.combine = engine, component, sources, combine
+        self.per_head = per_head  # combine on head h's slice, when every head of a head site shares the calls
         self.into_output = component == "resid"  # a resid source goes into a block's output
 
     def first_position(self, positions: list, length: int) -> int:
@@ -57,7 +58,8 @@ class WriteRuns:
             return group.index.gather(clean.inputs[block])
         rows, positions, slots = group.writes
         return write_rows(group.index.gather(clean.block_output(first_layer)), rows, positions,
-                          self._new_values(self.sources(group.examples[rows], slots, first_layer)))
+                          self._new_values(self.sources(group.examples[rows], slots, first_layer),
+                                           None if group.heads is None else group.heads[rows]))
 
     def in_block(self, group, runs: list, n: int, index, block: int, n_runs: int) -> dict:
         """call_block's edit of the runs `runs` (indices in the call's order, n rows each) whose window
@@ -72,9 +74,20 @@ class WriteRuns:
         write = self._writes(group, runs, n, block) if self.into_output else None
         return hidden if write is None else write_rows(hidden, *write)
 
-    def _new_values(self, source):
-        """The function that makes the written values [N, H] from the ones there (`base`) and `source`."""
-        return lambda base: self.combine(base, source.to(base.device, base.dtype))
+    def _new_values(self, source, heads=None):
+        """The function that makes the written values [N, H] from the ones there (`base`) and `source`; with
+        `heads` [N], each row's from its head's combine (per_head), as that head's own runs would."""
+        if heads is None:
+            return lambda base: self.combine(base, source.to(base.device, base.dtype))
+
+        def by_head(base):
+            here, of_row = source.to(base.device, base.dtype), heads.to(base.device)
+            out = base.clone()
+            for head in of_row.unique().tolist():
+                rows = of_row == head
+                out[rows] = self.per_head[head](base[rows], here[rows])
+            return out
+        return by_head
 
     def _writes(self, group, runs, n, layer):
         """(rows, positions, new_values) of the writes at `layer` into `runs`; None if nothing is written."""
@@ -83,7 +96,8 @@ class WriteRuns:
             return None
         offsets = torch.as_tensor(runs, device=rows.device).repeat_interleave(len(rows)) * n
         source = self.sources(group.examples[rows], slots, layer).repeat(len(runs), 1)
-        return rows.repeat(len(runs)) + offsets, positions.repeat(len(runs)), self._new_values(source)
+        heads = None if group.heads is None else group.heads[rows].repeat(len(runs))
+        return rows.repeat(len(runs)) + offsets, positions.repeat(len(runs)), self._new_values(source, heads)
 
 
 class BlockRuns:

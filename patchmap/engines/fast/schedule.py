@@ -57,6 +57,7 @@ class Group:
     writes: tuple             # (example row, position - start, slot) of each source activation written
     span: bool                # whether these are span runs (the source sits in the prefix's keys and values)
     writes_sources: bool = True  # whether the runs write source activations (else: attention blocked)
+    heads: torch.Tensor = None   # [n] the head each row patches, when the heads of a head site share the calls
 
     @property
     def examples(self):
@@ -72,18 +73,20 @@ class Group:
 
 
 def groups(positions: list, lengths: list, use_prefix: bool, spans, layer_ids: list, max_tokens: int, device,
-           edit) -> list:
+           edit, heads: list = ()) -> list:
     """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
     many positions each run computes (length - the first position the `edit` changes, a WriteRuns or
     BlockRuns) and by whether the span path applies, then split to the token budget `max_tokens` (runs x
-    suffix positions per block call)."""
+    suffix positions per block call). With `heads` (head numbers), the runs of those heads of a head site:
+    each example's rows are one per head, side by side (Group.heads)."""
     by_key = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
             first = edit.first_position(ps, int(lengths[e]))
             start = span if span is not None else (first if use_prefix else 0)
-            by_key[(int(lengths[e]) - start, span is not None)].append((e, start))
+            by_key[(int(lengths[e]) - start, span is not None)] += \
+                [(e, start, h) for h in heads] if heads else [(e, start)]
     out = []
     for (width, span), members in sorted(by_key.items()):
         for picked, lis in chunks(max_tokens, len(members), layer_ids, width):
@@ -104,24 +107,31 @@ def chunks(max_tokens: int, n_examples: int, layer_ids: list, width: int) -> lis
 
 
 def group(members: list, positions: list, width: int, span: bool, device, writes_sources: bool = True) -> "Group":
-    """The Group of `members` (example, first computed position), with the source writes of each."""
+    """The Group of `members` (example, first computed position[, head]), with the source writes of each."""
     writes = ([], [], [])
     if not span and writes_sources:
-        for r, (e, start) in enumerate(members):
+        for r, (e, start, *_) in enumerate(members):
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
                     column.append(value)
-    examples = torch.as_tensor([e for e, _ in members], device=device)
-    starts = torch.as_tensor([s for _, s in members], device=device)
-    return Group(RowIndex(examples, starts, width, max(s for _, s in members)),
+    examples = torch.as_tensor([m[0] for m in members], device=device)
+    starts = torch.as_tensor([m[1] for m in members], device=device)
+    heads = torch.as_tensor([m[2] for m in members], device=device) if len(members[0]) > 2 else None
+    return Group(RowIndex(examples, starts, width, max(m[1] for m in members)),
                  tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
-                 writes_sources)
+                 writes_sources, heads)
+
+
+def members_of(runs: Group) -> list:
+    """A group's members, as group() takes them: (example, first computed position[, head])."""
+    columns = [runs.examples, runs.starts] + ([] if runs.heads is None else [runs.heads])
+    return list(zip(*(c.tolist() for c in columns)))
 
 
 def split(chunk: tuple, positions: list, device):
     """A chunk that ran out of memory, halved: by examples if it has more than one, else by layers."""
     runs, lis = chunk
-    members = list(zip(runs.examples.tolist(), runs.starts.tolist()))
+    members = members_of(runs)
     if len(members) > 1:
         half = len(members) // 2
         return [(group(part, positions, runs.width, runs.span, device, runs.writes_sources), lis)
