@@ -27,9 +27,8 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from plotly.offline import get_plotlyjs
 
-from patchmap.explorer import explorer_html
+from patchmap.explorer import PLOTLY_JS, explorer_html
 from patchmap.explorer_demo import paper_sized_run
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -87,7 +86,7 @@ def main():
     paper.write_text(explorer_html(*paper_sized_run()), encoding="utf-8")
     print(f"wrote the paper-sized page (1,209 examples x 3 sites x 32 layers) in {time.perf_counter() - started:.1f} s")
     alone = folder / "plotly-alone.html"
-    alone.write_text(PLOTLY_ALONE.format(plotly=get_plotlyjs()), encoding="utf-8")
+    alone.write_text(PLOTLY_ALONE.format(plotly=PLOTLY_JS.read_text(encoding="utf-8")), encoding="utf-8")
     rows = [("paper-sized, made up (1209 x 3 x 32)", measure(paper, args.loads))]
     rows += [(page, measure(page, args.loads)) for page in args.pages]
     rows.append(("plotly.js alone, one heatmap", measure(alone, args.loads)))

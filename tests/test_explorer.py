@@ -6,6 +6,7 @@ PATCHMAP_REQUIRE_BROWSER=1 (set by .ci/run), where that is a failure.
 """
 
 import base64
+import hashlib
 import html
 import json
 import os
@@ -78,7 +79,13 @@ def test_the_page_holds_the_files_numbers_exactly():
     assert header["sites"] == ["Subj.", "Attn.", "Last."] and header["layers"] == [0, 1, 2, 3]
     span = header["examples"]["target_span"][0]
     assert ds["target_prompt"].values[0][span[0]:span[1]] == pairs["target_subject"].values[0]
-    assert unpacked(page, "plotly-js").decode().lstrip().startswith("/**\n* plotly.js v")
+    assert hashlib.sha256(unpacked(page, "plotly-js")).hexdigest() == explorer.PLOTLY_JS_SHA256
+
+
+def test_the_vendored_plotly_js_is_the_release_it_names():
+    """patchmap/vendor/plotly-cartesian.min.js is unchanged from its npm release (patchmap/vendor/README.md)."""
+    assert hashlib.sha256(explorer.PLOTLY_JS.read_bytes()).hexdigest() == explorer.PLOTLY_JS_SHA256
+    assert explorer.PLOTLY_JS.read_text()[:80].startswith("/**\n* plotly.js (cartesian - minified) v4.1.1")
 
 
 def test_a_head_site_shows_its_heads_as_rows_after_the_other_sites():
