@@ -9,7 +9,6 @@ import base64
 import hashlib
 import html
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -17,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import xarray as xr
-from workflow_utils import TINY, snakemake, write_config
+from workflow_utils import TINY, skip_unless_required, snakemake, write_config
 
 from patchmap import explorer
 from patchmap.errors import UserError
@@ -215,11 +214,7 @@ def browser_problem():
 
 @pytest.fixture(scope="module")
 def driver():
-    problem = browser_problem()
-    if problem:
-        if os.environ.get("PATCHMAP_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"PATCHMAP_REQUIRE_BROWSER=1 but {problem}")
-        pytest.skip(problem)
+    skip_unless_required(browser_problem(), "PATCHMAP_REQUIRE_BROWSER")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
+from workflow_utils import skip_unless_required
 
 pytestmark = pytest.mark.slurm
 
@@ -151,11 +152,7 @@ def run_to_end(workdir, log_path):
 
 @pytest.fixture(scope="module")
 def cluster_runs(tmp_path_factory):
-    problem = slurm_problem()
-    if problem:
-        if os.environ.get("PATCHMAP_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PATCHMAP_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
+    skip_unless_required(slurm_problem(), "PATCHMAP_REQUIRE_SLURM")
     started = time.monotonic()
     # the local reference run goes on beside the cluster runs, which mostly wait for SLURM
     local = tmp_path_factory.mktemp("local")

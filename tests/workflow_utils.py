@@ -1,10 +1,12 @@
 """Running the workflow through the `snakemake` command in a temporary directory."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +22,15 @@ TINY = {
     "runs": {"tiny": {"model": "tiny", "dataset": "tiny-facts", "sites": ["subj", "attn", "mlp"],
                       "examples": 12, "shard_size": 5, "batch_size": 4, "known_only": False}},
 }
+
+
+def skip_unless_required(problem, variable: str) -> None:
+    """Skip the test for `problem` (what the machine lacks, e.g. a browser or a cluster; None: nothing), or
+    fail it where the environment variable `variable` is 1 (.ci/run sets it: there the test must run)."""
+    if problem:
+        if os.environ.get(variable) == "1":
+            pytest.fail(f"{variable}=1 but {problem}")
+        pytest.skip(problem)
 
 
 def snakemake_command(workdir, *args):
