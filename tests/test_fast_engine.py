@@ -120,6 +120,17 @@ def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, fa
     assert (engine.stats["span_runs"] > 0) == (intervention == "noise")
 
 
+def test_fast_equals_reference_for_noise_samples_at_head_sites(load_family, pairs_for):
+    """Noised copies of each example (noise_samples) with a head site's heads sharing the block calls."""
+    model, tokenizer = load_family("llama")
+    sites = [HEAD_SITES[2], ALL_SITES[0]]
+    intervention = run_intervention("noise", noise_samples=3)
+    pairs = pairs_for(model, tokenizer, 6, 1, "noise")
+    sources = intervention.sources(pairs, lambda: extract(model, tokenizer, pairs, sites, batch_size=3))
+    reference, _, _ = engines_agree(model, tokenizer, pairs, sources, sites, batch_size=3, intervention=intervention)
+    assert float(reference[HEAD_SITES[2].name]["js"].max()) > 0.01
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("intervention", ["swap", "noise", "ablate-mean"])
 def test_fast_equals_reference_with_a_patch_window(load_family, pairs_for, family, intervention):
