@@ -54,23 +54,22 @@ class Write:
         combine = self.combine_at(model, site)
         return [edit_hook(model, site.component, layer, replacing(where, values[layer], combine)) for layer in layers]
 
-    def fast_runs(self, engine, sources, site, batch, positions: list) -> WriteRuns:
-        """The fast engine's runs of `site` on a clean batch (patchmap.engines.fast.driver.Batch); `positions`:
-        the site's in each of its examples."""
-        return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine, batch.samples),
-                         self.combine_at(engine.model, site))
+    shares_heads = True  # the heads of a head site can share the fast engine's block calls
 
-    def fast_head_runs(self, engine, sources, site, batch, positions: list) -> WriteRuns:
-        """The fast engine's runs of every head of head site `site` at once, each row writing its own head
-        (schedule.Group.heads): one block call serves the runs of all heads."""
-        heads, head_dim = head_shape(engine.model)
+    def fast_runs(self, engine, sources, site, batch, positions: list, heads: list = ()) -> WriteRuns:
+        """The fast engine's runs of `site` on a clean batch (patchmap.engines.fast.driver.Batch); `positions`:
+        the site's in each of its examples. With `heads`, the runs of those heads of head site `site` at once,
+        each row writing its own head's slice (schedule.Group.heads)."""
+        per_head = None
+        if heads:
+            per_head = {h: on_head(self.combine, h, head_shape(engine.model)[1]) for h in heads}
         return WriteRuns(engine, site.component, Sources(sources, site, batch.a, batch.b, engine, batch.samples),
-                         self.combine, [on_head(self.combine, h, head_dim) for h in range(heads)])
+                         self.combine_at(engine.model, site), per_head)
 
 
 class Block:
     """The last position may not attend to the site's positions (its component is ignored)."""
-    fast_head_runs = None  # knockout of one head's edges is refused (interventions.Knockout.site_problem)
+    shares_heads = False  # knockout of one head's edges is refused (interventions.Knockout.site_problem)
 
     def reference_values(self, sources, site, positions, width, hidden, a, b):
         return None
@@ -79,7 +78,8 @@ class Block:
         """Forward pre-hooks on each layer's attention that block the last query's edges to `where` [B, T]."""
         return [(attention_module(model, layer), knockout_hook(where, lengths - 1), "pre") for layer in layers]
 
-    def fast_runs(self, engine, sources, site, batch, positions) -> BlockRuns:
+    def fast_runs(self, engine, sources, site, batch, positions, heads: list = ()) -> BlockRuns:
+        """The fast engine's runs of `site` on a clean batch (never shared by heads: shares_heads)."""
         site_mask = torch.zeros(len(positions), int(max(batch.lengths)), dtype=torch.bool)  # [B, T]
         for e, ps in enumerate(positions):
             site_mask[e, ps] = True

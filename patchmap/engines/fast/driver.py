@@ -44,8 +44,8 @@ class Batch:
 
 @dataclass
 class PatchedRuns:
-    """The last-position hidden states of some runs of one site on a clean batch."""
-    site_number: int      # index into the job's sites
+    """The last-position hidden states of some runs of one site (or the heads of a head site) on a clean batch."""
+    site_numbers: torch.Tensor  # [R] index into the job's sites of each run (CPU)
     rows: torch.Tensor    # [R] clean-batch row (example) of each run
     layer_ids: torch.Tensor  # [R] index into the job's layers of each run
     hidden: torch.Tensor  # [R, H]
@@ -111,9 +111,9 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
 
 def sharing_calls(job: PatchJob) -> list:
     """The job's site numbers in lists whose runs share block calls: the one-head sites of a head site
-    (patchmap.sites.one_per_head) together, where the intervention's strategy writes per head
-    (fast_head_runs), every other site alone."""
-    if getattr(job.intervention.strategy, "fast_head_runs", None) is None:  # a strategy may not offer it
+    (patchmap.sites.one_per_head) together, where the intervention's strategy can write per head
+    (shares_heads), every other site alone."""
+    if not job.intervention.strategy.shares_heads:
         return [[number] for number in range(len(job.sites))]
     out, heads_of = [], {}
     for number, site in enumerate(job.sites):
@@ -160,8 +160,7 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
     window patches."""
     site, clean, lengths = job.sites[numbers[0]], batch.clean, batch.lengths
     heads = [job.sites[number].head for number in numbers] if len(numbers) > 1 else []
-    strategy = job.intervention.strategy
-    edit = (strategy.fast_head_runs if heads else strategy.fast_runs)(engine, job.sources, site, batch, positions)
+    edit = job.intervention.strategy.fast_runs(engine, job.sources, site, batch, positions, heads)
     keys_values_of = clean.keys_values.get
     if spans is not None and any(s is not None for s in spans):
         span_keys_values = engine.span_keys_values(
@@ -186,12 +185,12 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
         rows = group.examples.repeat(len(order))
         layer_ids = torch.as_tensor(order, device=engine.device).repeat_interleave(len(group.examples))
         if group.heads is None:
-            out.append(PatchedRuns(numbers[0], rows, layer_ids, hidden))
-            continue
-        of_row = group.heads.repeat(len(order))
-        for head, number in zip(heads, numbers):
-            mine = of_row == head
-            out.append(PatchedRuns(number, rows[mine], layer_ids[mine], hidden[mine.to(hidden.device)]))
+            site_numbers = torch.full((len(rows),), numbers[0], dtype=torch.long)
+        else:  # each row's head's site
+            number_of_head = torch.zeros(max(heads) + 1, dtype=torch.long)
+            number_of_head[heads] = torch.as_tensor(numbers)
+            site_numbers = number_of_head[group.heads.cpu().repeat(len(order))]
+        out.append(PatchedRuns(site_numbers, rows, layer_ids, hidden))
     return out
 
 
@@ -203,7 +202,7 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     if not patched:
         return
     answers, a, samples = batch.answers, batch.a, batch.samples
-    site_of = torch.cat([torch.full((len(p.rows),), p.site_number, dtype=torch.long) for p in patched])
+    site_of = torch.cat([p.site_numbers for p in patched])
     rows = torch.cat([p.rows for p in patched])
     layer_ids = torch.cat([p.layer_ids for p in patched])
     hidden = torch.cat([p.hidden for p in patched])

@@ -38,9 +38,9 @@ class WriteRuns:
     """Runs that write combine(base, source) at the site's positions of `component`."""
     writes_sources = True
 
-    def __init__(self, engine, component: str, sources: Sources, combine, per_head: list = None):
+    def __init__(self, engine, component: str, sources: Sources, combine, per_head: dict = None):
         self.engine, self.component, self.sources, self.combine = engine, component, sources, combine
-        self.per_head = per_head  # combine on head h's slice, when every head of a head site shares the calls
+        self.per_head = per_head  # {head: combine on its slice}, when the heads of a head site share the calls
         self.into_output = component == "resid"  # a resid source goes into a block's output
 
     def first_position(self, positions: list, length: int) -> int:
