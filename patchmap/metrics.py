@@ -2,7 +2,8 @@
 
 patch_metrics computes every per-example metric of many patched runs in few passes over the vocabulary,
 piece by piece (ROWS runs at a time, so that a piece's temporaries stay in cache), against a table of
-target distributions that the runs index into (the runs of one clean batch share its targets):
+target distributions that the runs index into (the runs of one clean batch share its targets; runs of one
+target side by side are compared with its row in place, others with a copy of their rows):
 
 - d = log p - log t, then KL(P || T) = sum p d and KL(T || P) = -sum t d (elementwise products summed:
   each term's rounding is relative to itself, so small divergences stay accurate);
@@ -16,7 +17,8 @@ import torch
 
 from .quantities import TOP_K
 
-ROWS = 32  # runs per piece: its [ROWS, vocabulary] temporaries stay in cache
+ROWS = 16  # runs per piece: its [ROWS, vocabulary] temporaries stay in cache
+SHARED = 4  # runs per target, on average, from which pieces hold one target's runs
 TINY = torch.finfo(torch.float32).tiny  # log(max(m, TINY)) is finite where m is 0, and m * it is 0
 
 
@@ -77,19 +79,26 @@ class Targets:
         return tuple(self._workspace[:, :rows])
 
 
-def _divergences(logp, targets, rows, base, p=None):
+def _divergences(logp, targets, rows, base, p=None, target=None):
     """(JS, KL(P || T), KL(T || P), P) of log-probs `logp` [R, V] against targets.logprobs[rows]; `p`, if
-    given, is exp(logp) already, in the workspace's first buffer."""
-    rows = rows.to(logp.device)
+    given, is exp(logp) already, in the workspace's first buffer. With `target` (a row number: every run's
+    target is that one), the target row is read in place rather than copied per run."""
     probs, t, d, scratch = targets.workspace(len(logp))
     p = torch.exp(logp, out=probs) if p is None else p
-    torch.index_select(targets.probs, 0, rows, out=t)
-    torch.sub(logp, torch.index_select(targets.logprobs, 0, rows, out=d), out=d)  # log p - log t
+    if target is None:
+        rows = rows.to(logp.device)
+        torch.index_select(targets.probs, 0, rows, out=t)
+        logt = torch.index_select(targets.logprobs, 0, rows, out=d)
+    else:
+        t, logt = targets.probs[target:target + 1], targets.logprobs[target:target + 1]    # [1, V]
+    torch.sub(logp, logt, out=d)                                             # log p - log t
     kl_pt = torch.mul(p, d, out=scratch).sum(-1)
-    kl_tp = torch.mul(t, d, out=scratch).sum(-1).neg_()
-    logm = torch.add(t, p, out=scratch).mul_(0.5).clamp_min_(TINY).log_()  # log M, M = (P + T) / 2
+    kl_tp = torch.mul(d, t, out=scratch).sum(-1).neg_()
+    logm = torch.add(p, t, out=scratch).mul_(0.5).clamp_min_(TINY).log_()  # log M, M = (P + T) / 2
     kl_pm = torch.sub(logp, logm, out=d).mul_(p).sum(-1)                     # KL(P || M)
-    kl_tm = torch.index_select(targets.logprobs, 0, rows, out=d).sub_(logm).mul_(t).sum(-1)  # KL(T || M)
+    if target is None:
+        logt = torch.index_select(targets.logprobs, 0, rows, out=d)
+    kl_tm = torch.sub(logt, logm, out=d).mul_(t).sum(-1)                     # KL(T || M)
     js = (0.5 * (kl_pm + kl_tm)).clamp_min_(0.0).masked_fill_((kl_pt == 0) & (kl_tp == 0), 0.0)
     scale = 1.0 / math.log(base)
     return js * scale, kl_pt * scale, kl_tp * scale, p
@@ -98,22 +107,34 @@ def _divergences(logp, targets, rows, base, p=None):
 def patch_metrics(patched: torch.Tensor, targets: Targets, rows: torch.Tensor, target_answer: torch.Tensor,
                   source_answer: torch.Tensor, base: float = 2.0, logits: bool = False) -> dict:
     """Per-run metrics {metric: [R]} of patched runs' log-probs [R, V] against their unpatched targets
-    (`targets.logprobs[rows]`, rows [R]); answers [R] token ids. Pieces of ROWS runs at a time; with
-    `logits`, `patched` holds float32 logits, turned into log-probs in place piece by piece."""
-    parts = [_piece_metrics(patched[a:a + ROWS], targets, rows[a:a + ROWS], target_answer[a:a + ROWS],
-                            source_answer[a:a + ROWS], base, logits) for a in range(0, len(patched), ROWS)]
+    (`targets.logprobs[rows]`, rows [R]); answers [R] token ids. Pieces of at most ROWS runs (pieces());
+    with `logits`, `patched` holds float32 logits, turned into log-probs in place piece by piece."""
+    parts = [_piece_metrics(patched[part], targets, rows[part], target_answer[part], source_answer[part], base,
+                            logits, target) for part, target in pieces(rows)]
     if not parts:
         return _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits)
     return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
-def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits=False):
+def pieces(rows: torch.Tensor) -> list:
+    """(slice, target) of each piece of runs whose targets are `rows`: where runs of one target lie side by
+    side (SHARED of them on average or more), pieces of one target's runs, `target` its row, read in place;
+    else pieces of ROWS runs, target None (each run's target row is copied)."""
+    row_list = rows.tolist()
+    starts = [0] + [i for i in range(1, len(row_list)) if row_list[i] != row_list[i - 1]]
+    if len(row_list) < SHARED * len(starts):
+        return [(slice(a, a + ROWS), None) for a in range(0, len(row_list), ROWS)]
+    ends = starts[1:] + [len(row_list)]
+    return [(slice(c, min(c + ROWS, b)), row_list[a]) for a, b in zip(starts, ends) for c in range(a, b, ROWS)]
+
+
+def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits=False, target=None):
     patched = patched.float()
     highest, top = patched.topk(min(TOP_K, patched.shape[-1]), dim=-1)  # one pass; [:, :1]: log-softmax's shift
     p = None
     if logits and len(patched):
         patched, p = _log_softmax_(patched, highest[:, :1], targets.workspace(len(patched))[0])
-    js, kl_pt, kl_tp, p = _divergences(patched, targets, rows, base, p)
+    js, kl_pt, kl_tp, p = _divergences(patched, targets, rows, base, p, target)
     runs = torch.arange(len(patched), device=patched.device)
     return {
         "js": js,

@@ -4,7 +4,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
-from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics
+from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics, pieces
 
 
 def random_logprobs(n, vocab, seed, sharpness=1.0):
@@ -91,3 +91,19 @@ def test_logits_become_log_probs_in_place_piece_by_piece():
     from_logits = patch_metrics(logits.clone(), Targets(targets), rows, answers, answers, logits=True)
     for k, v in from_logprobs.items():
         torch.testing.assert_close(from_logits[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_runs_of_one_target_side_by_side_compare_as_runs_in_any_order():
+    """Runs sorted by target (pieces read the target row in place) get exactly the metrics they get mixed
+    with other targets' runs (pieces copy each run's target row)."""
+    targets = random_logprobs(4, 2000, 21, 5.0)
+    rows = torch.arange(4).repeat_interleave(ROWS + 3)  # side by side, each target's runs over a piece
+    patched = random_logprobs(len(rows), 2000, 22, 5.0)
+    answers = torch.randint(0, 2000, (2, len(rows)), generator=torch.Generator().manual_seed(3))
+    mixed = torch.randperm(len(rows), generator=torch.Generator().manual_seed(4))
+    side_by_side = patch_metrics(patched, Targets(targets), rows, answers[0], answers[1])
+    shuffled = patch_metrics(patched[mixed], Targets(targets), rows[mixed], answers[0][mixed], answers[1][mixed])
+    assert len(pieces(rows)) == 8 and all(target is not None for _, target in pieces(rows))
+    assert all(target is None for _, target in pieces(rows[mixed]))
+    for k, v in side_by_side.items():
+        assert torch.equal(v[mixed], shuffled[k]), k

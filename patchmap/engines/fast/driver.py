@@ -207,6 +207,9 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     layer_ids = torch.cat([p.layer_ids for p in patched])
     hidden = torch.cat([p.hidden for p in patched])
     site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
+    by_example = torch.argsort(rows // samples, stable=True)  # one example's runs share its target's row
+    site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
+    hidden = hidden[by_example.to(hidden.device)]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     step = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
     for c in range(0, len(rows), step):
