@@ -248,6 +248,20 @@ def test_out_of_memory_errors_are_recognised():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+def test_a_head_that_does_not_reproduce_the_models_logits_is_refused(load_family, pairs_for):
+    """The engine's own head gives every logit it compares (the clean run's too); where it differs from the
+    model's own logits, checked on the longest prompts of the batch, the job stops with one patchmap error."""
+    model, tokenizer = load_family("gpt2")
+    pairs = pairs_for(model, tokenizer, examples=6, seed=1)
+    assert len(set(pairs["length"].values.tolist())) > 1
+    acts = extract(model, tokenizer, pairs, ALL_SITES[:1], batch_size=6)
+    engine = FastEngine(model)
+    head = engine.output_head
+    engine.output_head = lambda hidden: head(hidden) + torch.arange(head.vocab) * 1e-2  # off by up to 10% of V
+    with pytest.raises(UserError, match="does not reproduce the logits of architecture 'gpt2'"):
+        patch_job(model, tokenizer, pairs, acts, ALL_SITES[:1], batch_size=6, engine=engine)
+
+
 def test_unknown_architecture_is_named_by_the_fast_engine():
     from transformers import BertConfig, BertLMHeadModel
     model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -261,8 +275,6 @@ def test_config_chooses_the_engine():
     schema = cfg.schema()
     engine = schema["properties"]["runs"]["additionalProperties"]["properties"]["engine"]
     assert engine["enum"] == ["fast", "reference"] and engine["default"] == "fast"
-
-
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

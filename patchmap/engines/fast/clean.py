@@ -77,13 +77,11 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     handles.append(engine.blocks[-1].register_forward_hook(record_output))
     if noise is not None:
         handles.append(engine.model.get_input_embeddings().register_forward_hook(add_hook(noise.to(engine.device))))
-    # 3. the model's own forward, with logits only at the positions some prompt ends at; not on a spread
-    # model, where accelerate moves a tensor logits_to_keep to the first device, and the last hidden
-    # states may be on another
+    # 3. the model's own forward, with logits only at the last position of the padded batch (the engine's
+    # head gives every prompt's, step 4); not on a spread model, where accelerate moves a tensor
+    # logits_to_keep to the first device, and the last hidden states may be on another
     cache = _RecordingCache(engine.config)
-    keep = {}
-    if engine.keeps_logits and not engine.spread:
-        keep["logits_to_keep"] = torch.unique(lengths - 1)
+    keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     try:
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                               use_cache=True, **keep).logits
@@ -92,13 +90,16 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
             h.remove()
     engine.stats["clean_tokens"] += ids.numel()
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
-    # 4. the last position's logits, and the check that the engine's own head reproduces them
+    # 4. each prompt's last-position logits from the engine's head, as the patched runs' come, checked
+    # against the model's own where it computed them (the prompts as long as the batch, with logits_to_keep)
     rows = torch.arange(len(lengths), device=engine.device)
-    columns = torch.searchsorted(keep["logits_to_keep"], lengths - 1) if keep else lengths - 1
-    last_logits = logits[rows.to(logits.device), columns.to(logits.device)].float().to(engine.output_device)
-    check_finite(last_logits, " in the unpatched target run")
     output = last["output"]
-    check_head(engine, engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]), last_logits)
+    last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
+    check_finite(last_logits, " in the unpatched target run")
+    checked = rows[lengths == ids.shape[1]] if keep else rows
+    columns = (logits.shape[1] - 1) if keep else (lengths - 1)[checked]
+    model_logits = logits[checked.to(logits.device), columns].float().to(engine.output_device)
+    check_head(engine, last_logits[checked.to(engine.output_device)], model_logits)
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_logits)
 
