@@ -107,6 +107,28 @@ def _intervention_job(pairs_for, model, tokenizer, intervention, sites, examples
     return pairs, sources
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+@pytest.mark.parametrize("keys_values", ["recorded", "not recorded"])
+def test_runs_padded_to_a_common_width_equal_the_reference(load_family, pairs_for, monkeypatch, family, keys_values):
+    """Runs of every width padded to the widest of their site (schedule.PADDING unbounded), for swaps at
+    every site and for attention knockout; with the clean run's keys and values, and without them (every
+    run then computes its whole prompt: widths are the prompts' lengths)."""
+    from patchmap.engines.fast import clean, schedule
+    monkeypatch.setattr(schedule, "PADDING", float("inf"))
+    if keys_values == "not recorded":
+        monkeypatch.setattr(clean._RecordingCache, "update", lambda self, keys, values, *args, **kwargs: (keys, values))
+    model, tokenizer = load_family(family)
+    pairs = pairs_for(model, tokenizer, examples=8, seed=3)
+    sites = ALL_SITES + HEAD_SITES[:1]
+    _, _, engine = engines_agree(model, tokenizer, pairs, extract(model, tokenizer, pairs, sites, batch_size=8),
+                                 sites, batch_size=8)
+    assert engine.stats["padded_runs"] > 0
+    knockout = pairs_for(model, tokenizer, examples=8, seed=3, intervention="knockout")
+    blocked = [s for s in ALL_SITES if s.component == "attn" and s.positions in ("subject", "subject_first")]
+    _, _, engine = engines_agree(model, tokenizer, knockout, None, blocked, batch_size=8, window=2)
+    assert engine.stats["padded_runs"] > 0 or keys_values == "recorded"  # knockout runs compute one position
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):

@@ -25,20 +25,30 @@ DEFAULT_CPU_TOKENS = 16384
 
 class _PrefixCache(DynamicCache):
     """Given to one block call of patched runs: the clean keys and values of the positions before the
-    suffix, one row per run, put in front of the suffix's own keys and values."""
+    suffix, one row per run, put in front of the suffix's own keys and values. `keys` and `values` [R, kv
+    heads, P + W or more, head dim] are the rows' own gathered copies, `prefix` (P) positions of them the
+    prefix: the suffix's are written over the positions after it (no second copy of the prefix)."""
 
-    def __init__(self, keys, values):
+    def __init__(self, keys, values, prefix):
         super().__init__()
         self.prefix = (keys, values)
+        self.length = prefix
 
     recorded = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.recorded = (key_states, value_states)
         keys, values = self.prefix
-        if keys is None or keys.shape[2] == 0:
+        if keys is None or self.length == 0:
             return key_states, value_states
-        return torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
+        end = self.length + key_states.shape[2]
+        if keys.shape[2] < end:
+            return (torch.cat([keys[:, :, :self.length], key_states], dim=2),
+                    torch.cat([values[:, :, :self.length], value_states], dim=2))
+        keys, values = keys[:, :, :end], values[:, :, :end]
+        keys[:, :, self.length:] = key_states
+        values[:, :, self.length:] = value_states
+        return keys, values
 
 
 def write_rows(tensor: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, new_values) -> torch.Tensor:
@@ -141,12 +151,13 @@ class FastEngine:
         for name, value in clean.arguments[layer].items():
             if name in CACHE_ARGUMENTS and value is not None:
                 keys, values = keys_values or (None, None)  # None: no keys and values recorded, every prefix empty
-                out[name] = _PrefixCache(None if keys is None else keys[index.examples, :, :index.prefix],
-                                         None if values is None else values[index.examples, :, :index.prefix])
+                end = index.prefix + index.width  # the suffix is written over the clean ones after the prefix
+                out[name] = _PrefixCache(None if keys is None else keys[index.examples, :, :end],
+                                         None if values is None else values[index.examples, :, :end], index.prefix)
             elif name == "attention_mask":
                 out[name] = self._mask(value, index)
                 if blocked is not None:
-                    out[name] = _block_last_query(out[name], blocked)
+                    out[name] = _block_last_query(out[name], blocked, index.last)
             elif name == "position_embeddings" and isinstance(value, (tuple, list)):
                 out[name] = tuple(index.gather(t) for t in value)
             elif name == "position_ids" and value is not None:
@@ -163,8 +174,8 @@ class FastEngine:
         """Block `layer` applied to hidden [R, W, H], the runs of `index`; `keys_values` = (keys, values)
         [B, kv heads, T, head dim] holds each example's keys and values before its suffix. `write` =
         (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
-        `mlp` = "last" computes the MLP only at the last suffix position (all other positions of the last
-        block feed nothing), "none" not at all; `blocked` [R, P + W] marks keys each row's last query may
+        `mlp` = "last" computes the MLP only at each row's last suffix position (all other positions of the
+        last block feed nothing), "none" not at all; `blocked` [R, P + W] marks keys each row's last query may
         not attend to. Returns the output [R, W, H], and with `record` also the keys and values computed."""
         device = self.block_devices[layer]
         index = index.to(device)
@@ -180,7 +191,7 @@ class FastEngine:
         if mlp == "all":
             self.stats["mlp_tokens"] += rows * width
         else:
-            keep = torch.arange(width - 1, rows * width, width, device=device) if mlp == "last" \
+            keep = torch.arange(0, rows * width, width, device=device) + index.last if mlp == "last" \
                 else torch.zeros(0, dtype=torch.long, device=device)
             self.stats["mlp_tokens"] += len(keep)
             registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
@@ -228,11 +239,11 @@ class FastEngine:
         log.warning("fast engine: token budget now %d", self.max_tokens)
 
 
-def _block_last_query(mask, blocked):
+def _block_last_query(mask, blocked, last):
     """`mask` [R, heads or 1, W, K] (boolean: allowed; else additive) with the keys `blocked` [R, K]
-    taken from each row's last query."""
+    taken from each row's last query (column `last` [R] of the call)."""
     edges = torch.zeros((mask.shape[0], 1, mask.shape[2], mask.shape[3]), dtype=torch.bool, device=mask.device)
-    edges[:, 0, -1] = blocked.to(mask.device)
+    edges[torch.arange(len(edges), device=mask.device), 0, last.to(mask.device)] = blocked.to(mask.device)
     if mask.dtype == torch.bool:
         return mask & ~edges
     return mask.masked_fill(edges, torch.finfo(mask.dtype).min)

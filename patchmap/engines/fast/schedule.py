@@ -8,28 +8,44 @@ from dataclasses import dataclass
 
 import torch
 
+PADDING = 0.25  # the share of padded positions up to which runs of different widths share block calls
+
 
 class RowIndex:
     """Rows of a block call: row r is a run on clean example examples[r] at positions
-    [starts[r], starts[r] + width); its prefix (positions before starts[r]) is read from a cache padded to
-    `prefix` positions (at least the longest start, given by the caller so that no device sync is
-    needed), and masked beyond starts[r]."""
+    [starts[r], starts[r] + widths[r]), padded at the end to `width` (widths None: every row is `width`
+    wide); its prefix (positions before starts[r]) is read from a cache padded to `prefix` positions (at
+    least the longest start, given by the caller so that no device sync is needed), and masked beyond
+    starts[r]. A padded position computes garbage that no real one reads: its key is masked, and it stands
+    at its row's last real position wherever a position is looked up."""
 
-    def __init__(self, examples, starts, width, prefix):
-        self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
-        self.positions = starts[:, None] + torch.arange(width, device=starts.device)    # [R, W]
+    def __init__(self, examples, starts, width, prefix, widths=None):
+        self.examples, self.starts, self.width, self.prefix, self.widths = examples, starts, width, prefix, widths
+        offsets = torch.arange(width, device=starts.device)
+        if widths is not None:
+            offsets = torch.minimum(offsets[None, :], widths[:, None] - 1)
+        self.positions = starts[:, None] + offsets                                  # [R, W]
 
     def to(self, device):
         """This index with its tensors on `device` (the device of a block it is used in)."""
         if self.examples.device == device:
             return self
-        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix)
+        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix,
+                        None if self.widths is None else self.widths.to(device))
 
     def first(self, rows):
         """The index of the first `rows` rows (runs join the batch at the end)."""
         if rows == len(self.examples):
             return self
-        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix)
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix,
+                        None if self.widths is None else self.widths[:rows])
+
+    @property
+    def last(self):
+        """[R] each row's last real position, as a column of the call."""
+        if self.widths is None:
+            return torch.full_like(self.examples, self.width - 1)
+        return self.widths - 1
 
     @property
     def keys(self):
@@ -39,7 +55,11 @@ class RowIndex:
     @property
     def valid(self):
         prefix = torch.arange(self.prefix, device=self.starts.device)[None, :] < self.starts[:, None]
-        return torch.cat([prefix, torch.ones_like(self.positions, dtype=torch.bool)], dim=1)
+        if self.widths is None:
+            suffix = torch.ones_like(self.positions, dtype=torch.bool)
+        else:
+            suffix = torch.arange(self.width, device=self.starts.device)[None, :] < self.widths[:, None]
+        return torch.cat([prefix, suffix], dim=1)
 
     def rows_in(self, tensor):
         """Each row's index into `tensor`'s first dimension: its example, or 0 where that is shared (1)."""
@@ -76,23 +96,45 @@ def groups(positions: list, lengths: list, use_prefix: bool, spans, layer_ids: l
            edit, heads: list = ()) -> list:
     """The runs of one site on one clean batch, as chunks (Group, layer ids): examples grouped by how
     many positions each run computes (length - the first position the `edit` changes, a WriteRuns or
-    BlockRuns) and by whether the span path applies, then split to the token budget `max_tokens` (runs x
-    suffix positions per block call). With `heads` (head numbers), the runs of those heads of a head site:
-    each example's rows are one per head, side by side (Group.heads)."""
+    BlockRuns; close widths padded to the longest, widths()) and by whether the span path applies, then
+    split to the token budget `max_tokens` (runs x suffix positions per block call). With `heads` (head
+    numbers), the runs of those heads of a head site: each example's rows are one per head, side by side
+    (Group.heads)."""
     by_key = defaultdict(list)
     for e, ps in enumerate(positions):
         if ps:
             span = spans[e] if spans is not None else None
             first = edit.first_position(ps, int(lengths[e]))
             start = span if span is not None else (first if use_prefix else 0)
-            by_key[(int(lengths[e]) - start, span is not None)] += \
-                [(e, start, h) for h in heads] if heads else [(e, start)]
+            width = int(lengths[e]) - start
+            by_key[(width, span is not None)] += [(e, start, width, h) for h in (heads or [None])]
     out = []
-    for (width, span), members in sorted(by_key.items()):
-        for picked, lis in chunks(max_tokens, len(members), layer_ids, width):
-            out.append((group([members[i] for i in picked], positions, width, span, device, edit.writes_sources),
-                        lis))
+    for span in (False, True):
+        members_of_width = {width: members for (width, is_span), members in by_key.items() if is_span == span}
+        for bucket in widths(members_of_width):
+            members = [m for width in bucket for m in members_of_width[width]]
+            for picked, lis in chunks(max_tokens, len(members), layer_ids, bucket[-1]):
+                out.append((group([members[i] for i in picked], positions, bucket[-1], span, device,
+                                  edit.writes_sources), lis))
     return out
+
+
+def widths(members_of_width: dict) -> list:
+    """The widths (positions computed per run) whose runs share block calls, as lists in increasing order:
+    a width joins the calls of the narrower ones before it while padding them all to it adds at most
+    PADDING of their positions (a few large calls compute at a higher rate than many small ones)."""
+    buckets, real = [], 0
+    for width in sorted(members_of_width):
+        runs = len(members_of_width[width])
+        if buckets:
+            count = sum(len(members_of_width[w]) for w in buckets[-1])
+            if (count + runs) * width <= (1 + PADDING) * (real + runs * width):
+                buckets[-1].append(width)
+                real += runs * width
+                continue
+        buckets.append([width])
+        real = runs * width
+    return buckets
 
 
 def chunks(max_tokens: int, n_examples: int, layer_ids: list, width: int) -> list:
@@ -107,25 +149,29 @@ def chunks(max_tokens: int, n_examples: int, layer_ids: list, width: int) -> lis
 
 
 def group(members: list, positions: list, width: int, span: bool, device, writes_sources: bool = True) -> "Group":
-    """The Group of `members` (example, first computed position[, head]), with the source writes of each."""
+    """The Group of `members` (example, first computed position, positions computed, head or None), padded
+    to `width` positions, with the source writes of each."""
     writes = ([], [], [])
     if not span and writes_sources:
         for r, (e, start, *_) in enumerate(members):
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
                     column.append(value)
-    examples = torch.as_tensor([m[0] for m in members], device=device)
-    starts = torch.as_tensor([m[1] for m in members], device=device)
-    heads = torch.as_tensor([m[2] for m in members], device=device) if len(members[0]) > 2 else None
-    return Group(RowIndex(examples, starts, width, max(m[1] for m in members)),
+    examples, starts, real, heads = (None if column[0] is None else torch.as_tensor(column, device=device)
+                                     for column in zip(*members))
+    padded = None if all(w == width for w in real.tolist()) else real
+    return Group(RowIndex(examples, starts, width, max(m[1] for m in members), padded),
                  tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
                  writes_sources, heads)
 
 
 def members_of(runs: Group) -> list:
-    """A group's members, as group() takes them: (example, first computed position[, head])."""
-    columns = [runs.examples, runs.starts] + ([] if runs.heads is None else [runs.heads])
-    return list(zip(*(c.tolist() for c in columns)))
+    """A group's members, as group() takes them: (example, first computed position, positions computed,
+    head or None)."""
+    n = len(runs.examples)
+    real = runs.index.widths.tolist() if runs.index.widths is not None else [runs.width] * n
+    heads = runs.heads.tolist() if runs.heads is not None else [None] * n
+    return list(zip(runs.examples.tolist(), runs.starts.tolist(), real, heads))
 
 
 def split(chunk: tuple, positions: list, device):
