@@ -434,6 +434,10 @@ def main():
                           f"{ref['reference_tflop'] / m['floor_tflop']:.1f}x fewer than the reference: the most "
                           f"any exact engine gains at the reference's FLOP rate; the fast engine's schedule is "
                           f"{m['fast_tflop'] / m['floor_tflop']:.2f}x the floor")
+                    ideal = ref["reference_tflop"] / m["floor_tflop"]
+                    speedup = ref["seconds"] / m["seconds"]
+                    print(f"  speed-up {speedup:.2f}x; floor-bound ideal (reference FLOPs / floor FLOPs) {ideal:.2f}x: "
+                          f"the fast engine at {100 * speedup / ideal:.0f}% of it")
                 for name, other in measured.items():
                     if name.startswith("reference@"):
                         print(f"  fast engine vs {name} (the reference in batches of {name.split('@')[1]}): "
