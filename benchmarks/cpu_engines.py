@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/cpu_engines.py                      # GPT-2-small- and Llama-shaped
     .venv/bin/python benchmarks/cpu_engines.py --models llama --examples 8      # a quick look
     .venv/bin/python benchmarks/cpu_engines.py --heads --threads 2  # the head sweep (Llama-shaped)
+    .venv/bin/python benchmarks/cpu_engines.py --padding 0,0.25,0.5 --threads 2  # the fast engine's PADDING
 
 Two random-weight models of GPT-2-small shape (12 layers, width 768, 12 heads, MLP 3072) and of Llama shape
 (12 layers, width 768, 12 heads, MLP 2048) are built from transformers configs, saved with save_pretrained
@@ -24,6 +25,10 @@ and by the reference engine (batches of all prompts), and by the batch-1 hook lo
 get_act_patch_attn_head_out_by_pos patches (its cost per run does not depend on how many prompts there
 are). The table gives patched runs per second and the fast engine's ratio to each, and checks that the
 three agree.
+
+`--padding P,P,...` times the fast engine alone on the job with each value of schedule.PADDING (the share
+of padded positions up to which runs of different widths share block calls), the values alternating in
+one process so that the machine's load falls on each alike.
 """
 
 import argparse
@@ -277,6 +282,36 @@ def hook_loop(model, pairs, acts, site, layers, pad_id):
     return out
 
 
+def padding_worker(directory, examples, values, rounds):
+    """The fast engine on the job with each value of schedule.PADDING in turn, `rounds` times over (so that
+    the machine's load falls on every value alike); prints the fastest and the median time of each."""
+    from patchmap.engines.fast import schedule
+    from patchmap.engines.fast.blocks import FastEngine
+    from patchmap.interventions import Swap
+    from patchmap.job import PatchJob
+    from patchmap.patching import run_patch_job
+
+    model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
+
+    def run():
+        start = time.perf_counter()
+        run_patch_job(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
+                               pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False),
+                      engine=FastEngine(model))
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    times = {value: [] for value in values}
+    for _ in range(rounds):
+        for value in values:
+            schedule.PADDING = value
+            times[value].append(run())
+    for value, seconds in times.items():
+        seconds = sorted(seconds)
+        print(f"  PADDING {value:g}: fastest {seconds[0]:.2f} s, median {seconds[len(seconds) // 2]:.2f} s "
+              f"({rounds} runs)", flush=True)
+
+
 def head_worker(directory, engine, examples, out, repeat, loop_examples):
     """One way of running the head sweep: `fast` or `reference` on every prompt, `loop` (hook_loop) on the
     first `loop_examples`; writes js [prompt, layer, head] (npy) and a JSON line with the time."""
@@ -365,11 +400,20 @@ def main():
                              "for any number)")
     parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--padding", metavar="P,P,...", default=None,
+                        help="instead: time the fast engine with each of these values of schedule.PADDING (the "
+                             "share of padded positions up to which runs of different widths share block calls), "
+                             "alternating in one process, --repeat x 3 runs each")
     parser.add_argument("--head-worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--padding-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads and (args.worker or args.head_worker):
+    if args.threads and (args.worker or args.head_worker or args.padding_worker):
         import torch
         torch.set_num_threads(args.threads)
+    if args.padding_worker:
+        directory, examples, values, rounds = args.padding_worker
+        padding_worker(directory, int(examples), [float(v) for v in values.split(",")], int(rounds))
+        return
     if args.head_worker:
         directory, engine, examples, out, repeat, loop_examples = args.head_worker
         head_worker(directory, engine, int(examples), out, int(repeat), int(loop_examples))
@@ -381,6 +425,16 @@ def main():
     if args.worker:
         directory, engine, examples, out, repeat = args.worker
         worker(directory, engine, int(examples), out, int(repeat))
+        return
+    if args.padding:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in args.models.split(","):
+                directory = os.path.join(tmp, kind)
+                build(kind, directory, args.vocab)
+                print(f"{kind}: {SHAPES[kind]}; the fast engine with each PADDING in turn", flush=True)
+                subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--padding-worker",
+                                directory, str(args.examples), args.padding, str(3 * args.repeat)], cwd=root,
+                               check=True)
         return
     try:
         import nnsight  # noqa: F401

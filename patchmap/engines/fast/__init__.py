@@ -17,16 +17,22 @@ model's forward; they go through its decoder blocks, called directly, on a sched
   a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
 - the last block runs its MLP at the last position only (nothing else of it feeds the output), and
   logits are computed only there (final norm and output embedding applied to that position's hidden
-  state; Gemma's final softcapping included), for every site and layer of a batch in one call.
+  state; Gemma's final softcapping included), for every site and layer of a batch in a few large products,
+  the unpatched targets' too (checked against the model's own logits in the clean run).
 
 Runs are grouped by how many positions they compute, not by where they start: each row of a block call
 gets its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest
-prefix, the padding masked), so no run computes padding. Runs are chunked to a budget of (runs x suffix
-positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a
-warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes.
+prefix, the padding masked). Runs of close widths share calls, padded at the end to the widest while that
+adds at most a quarter of their positions (schedule.PADDING: padded positions are masked as keys and
+never read; larger calls compute at a higher rate), and the runs of different sites share calls where they
+compute as many positions from the same prefix keys and values (runs.run_parts: e.g. the attention output
+and the residual stream at the last position). Runs are chunked to a budget of (runs x suffix positions)
+per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a warning in the
+log; the numbers stay the same up to float32 rounding of the smaller shapes.
 The reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 
-The files: blocks.py (FastEngine: the clean run and block calls of patched runs), schedule.py (which runs
-share a block call), driver.py (patch: the job, batch by batch and site by site, and its metrics).
+The files: clean.py (the clean run), blocks.py (FastEngine: block calls of patched runs), schedule.py (a
+site's runs, grouped and chunked), runs.py (runs through the blocks, sharing calls), edits.py (what a run
+writes or blocks), head.py (the output head), driver.py (run_fast: the job, batch by batch, and its metrics).
 """

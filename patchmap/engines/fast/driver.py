@@ -24,6 +24,7 @@ from .clean import CleanRun
 
 log = logging.getLogger(__name__)
 
+CLEAN = "clean"          # the key of chunks whose prefix keys and values are the clean run's (Chunk.key)
 HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
 HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
@@ -87,8 +88,11 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
                         "(slower, same numbers)", job.model.config.model_type)
         batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
                       compared_targets(clean.target_logits, samples))
-        # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together ...
-        chunks = []
+        # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together,
+        # through the blocks: span runs at once (their prefix keys and values are the site's own, freed
+        # after), the others once every site's are known, different sites' runs sharing calls where they
+        # compute as many positions ...
+        patched, pending = [], []
         for numbers in sharing_calls(job):
             site = job.sites[numbers[0]]
             here = positions[site.key][a:b]
@@ -96,13 +100,13 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
             spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else copies(same_until[a:b], samples),
                                    use_prefix and engine.spans)
-            chunks += site_chunks(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
+            chunks = site_chunks(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
+            patched += run_chunks(engine, job, batch, [c for c in chunks if c.key != CLEAN], positions, a, b)
+            pending += [c for c in chunks if c.key == CLEAN]
             for number in numbers:
                 unpatched(batch, here, job.js_base, results[job.sites[number].key])
-        # 4. ... through the blocks, the runs of different sites sharing calls where they compute as many
-        # positions from the same prefix keys and values ...
-        patched = run_chunks(engine, job, batch, sharing(chunks, engine.max_tokens), positions, a, b)
-        # 5. ... and the logits and metrics of all of them
+        patched += run_chunks(engine, job, batch, sharing(pending, engine.max_tokens), positions, a, b)
+        # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
         for site in job.sites:
@@ -171,7 +175,7 @@ def site_chunks(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, 
     groups = schedule.groups(positions, batch.lengths, batch.use_prefix, spans, list(range(len(job.layers))),
                              engine.max_tokens, engine.device, edit, heads)
     return [Chunk(f"span of site {numbers[0]}", span.get, [runs.Part(group, layer_ids, edit, numbers, heads)])
-            if group.span else Chunk("clean", clean.keys_values.get, [runs.Part(group, layer_ids, edit, numbers, heads)])
+            if group.span else Chunk(CLEAN, clean.keys_values.get, [runs.Part(group, layer_ids, edit, numbers, heads)])
             for group, layer_ids in groups]
 
 
