@@ -179,16 +179,15 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
-    def run_kind(engine, clean, parts, *rest):
-        if parts[0].group.span:
+    def run_kind(engine, clean, group, layer_ids, layers, edit, *rest):
+        if group.span:
             return "patched blocks: resid span (Subj.), positions after it"
-        where = "one position" if parts[0].group.width == 1 else "several positions"
-        return f"patched blocks: {' + '.join(dict.fromkeys(p.edit.component for p in parts))} at {where}"
+        return f"patched blocks: {edit.component} at {'one position' if group.width == 1 else 'several positions'}"
 
     engine.clean_run = timed(lambda *a, **k: "clean run (model forward, all positions)", engine.clean_run)
     engine.span_keys_values = timed(lambda *a, **k: "source keys/values of subject spans", engine.span_keys_values)
-    run_parts, score = runs.run_parts, driver.score
-    runs.run_parts = timed(run_kind, run_parts)
+    run_group, score = runs.run_group, driver.score
+    runs.run_group = timed(run_kind, run_group)
     driver.score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
     try:
         start = time.perf_counter()
@@ -196,7 +195,7 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
                                pad_id=pad_id, intervention=Swap(), sources=acts, progress=False), engine=engine)
         seconds["total"] = time.perf_counter() - start
     finally:
-        runs.run_parts, driver.score = run_parts, score
+        runs.run_group, driver.score = run_group, score
     return seconds
 
 

@@ -24,15 +24,14 @@ Runs are grouped by how many positions they compute, not by where they start: ea
 gets its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest
 prefix, the padding masked). Runs of close widths share calls, padded at the end to the widest while that
 adds at most a quarter of their positions (schedule.PADDING: padded positions are masked as keys and
-never read; larger calls compute at a higher rate), and the runs of different sites share calls where they
-compute as many positions from the same prefix keys and values (runs.run_parts: e.g. the attention output
-and the residual stream at the last position). Runs are chunked to a budget of (runs x suffix positions)
+never read; fewer, larger calls). Each site's runs have calls of their own, so that a site's numbers do not
+depend on the other sites of its job. Runs are chunked to a budget of (runs x suffix positions)
 per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a warning in the
 log; the numbers stay the same up to float32 rounding of the smaller shapes.
 The reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 
 The files: clean.py (the clean run), blocks.py (FastEngine: block calls of patched runs), schedule.py (a
-site's runs, grouped and chunked), runs.py (runs through the blocks, sharing calls), edits.py (what a run
+site's runs, grouped and chunked), runs.py (a group's runs through the blocks), edits.py (what a run
 writes or blocks), head.py (the output head), driver.py (run_fast: the job, batch by batch, and its metrics).
 """

@@ -170,10 +170,10 @@ class FastEngine:
         return out
 
     def call_block(self, clean: CleanRun, layer: int, hidden: torch.Tensor, index: RowIndex, keys_values,
-                   writes: list = (), mlp: str = "all", record: bool = False, blocked: torch.Tensor = None):
+                   write=None, mlp: str = "all", record: bool = False, blocked: torch.Tensor = None):
         """Block `layer` applied to hidden [R, W, H], the runs of `index`; `keys_values` = (keys, values)
-        [B, kv heads, T, head dim] holds each example's keys and values before its suffix. Each of `writes`,
-        (component, rows, positions, new_values), rewrites the component's activation there (write_rows);
+        [B, kv heads, T, head dim] holds each example's keys and values before its suffix. `write` =
+        (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
         `mlp` = "last" computes the MLP only at each row's last suffix position (all other positions of the
         last block feed nothing), "none" not at all; `blocked` [R, P + W] marks keys each row's last query may
         not attend to. Returns the output [R, W, H], and with `record` also the keys and values computed."""
@@ -195,8 +195,10 @@ class FastEngine:
                 else torch.zeros(0, dtype=torch.long, device=device)
             self.stats["mlp_tokens"] += len(keep)
             registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
-        for component, write_at, positions, new_values in writes:
-            def rewrite(h, write_at=write_at, positions=positions, new_values=new_values):
+        if write is not None:
+            component, write_at, positions, new_values = write
+
+            def rewrite(h):
                 return write_rows(h.reshape(rows, width, h.shape[-1]), write_at, positions, new_values).reshape(h.shape)
             registered.append(edit_hook(self.model, component, layer, rewrite))
         with hooks(registered):

@@ -24,7 +24,6 @@ from .clean import CleanRun
 
 log = logging.getLogger(__name__)
 
-CLEAN = "clean"          # the key of chunks whose prefix keys and values are the clean run's (Chunk.key)
 HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
 HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
 
@@ -88,11 +87,8 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
                         "(slower, same numbers)", job.model.config.model_type)
         batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
                       compared_targets(clean.target_logits, samples))
-        # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together,
-        # through the blocks: span runs at once (their prefix keys and values are the site's own, freed
-        # after), the others once every site's are known, different sites' runs sharing calls where they
-        # compute as many positions ...
-        patched, pending = [], []
+        # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together ...
+        patched = []
         for numbers in sharing_calls(job):
             site = job.sites[numbers[0]]
             here = positions[site.key][a:b]
@@ -100,12 +96,9 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
             spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else copies(same_until[a:b], samples),
                                    use_prefix and engine.spans)
-            chunks = site_chunks(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
-            patched += run_chunks(engine, job, batch, [c for c in chunks if c.key != CLEAN], positions, a, b)
-            pending += [c for c in chunks if c.key == CLEAN]
+            patched += site_runs(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
             for number in numbers:
                 unpatched(batch, here, job.js_base, results[job.sites[number].key])
-        patched += run_chunks(engine, job, batch, sharing(pending, engine.max_tokens), positions, a, b)
         # 4. ... and the logits and metrics of all of them
         score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
@@ -159,91 +152,46 @@ def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
                 out[k][a + e, :] = v.cpu().numpy()[0]
 
 
-def site_chunks(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, positions: list, spans: list,
-                first: int) -> list:
-    """The runs of the sites `numbers` on one clean batch, as Chunks of one runs.Part each, one per chunk of
-    the site's schedule: one site, or the one-head sites of a head site, whose runs then share the block calls
-    (a row per head). `positions`: the site's in each example (clean-run row); `spans`: the span path's
-    (schedule.spans); `first`: the first layer any window patches."""
-    site, clean = job.sites[numbers[0]], batch.clean
+def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, positions: list, spans: list,
+              first: int) -> list:
+    """The PatchedRuns of every (example, layer) run of the sites `numbers` on one clean batch: one site, or
+    the one-head sites of a head site, whose runs then share the block calls (a row per head). `positions`:
+    the site's in each example; `spans`: the span path's (schedule.spans); `first`: the first layer any
+    window patches."""
+    site, clean, lengths = job.sites[numbers[0]], batch.clean, batch.lengths
     heads = [job.sites[number].head for number in numbers] if len(numbers) > 1 else []
     edit = job.intervention.strategy.fast_runs(engine, job.sources, site, batch, positions, heads)
-    span = None  # the prefix keys and values of span runs: the source's written in at the span
+    keys_values_of = clean.keys_values.get
     if spans is not None and any(s is not None for s in spans):
-        span = engine.span_keys_values(
+        span_keys_values = engine.span_keys_values(
             clean, {e: (positions[e][0], s) for e, s in enumerate(spans) if s is not None}, edit.sources, first + 1)
-    groups = schedule.groups(positions, batch.lengths, batch.use_prefix, spans, list(range(len(job.layers))),
+        keys_values_of = span_keys_values.get
+    chunks = schedule.groups(positions, lengths, batch.use_prefix, spans, list(range(len(job.layers))),
                              engine.max_tokens, engine.device, edit, heads)
-    return [Chunk(f"span of site {numbers[0]}", span.get, [runs.Part(group, layer_ids, edit, numbers, heads)])
-            if group.span else Chunk(CLEAN, clean.keys_values.get, [runs.Part(group, layer_ids, edit, numbers, heads)])
-            for group, layer_ids in groups]
-
-
-@dataclass
-class Chunk:
-    """Runs that share block calls: their parts (runs.Part, one per site) and their prefix keys and values
-    (`of(block)`; chunks with the same `key` read the same ones)."""
-    key: str
-    of: object
-    parts: list
-
-
-def sharing(chunks: list, max_tokens: int) -> list:
-    """The Chunks of every site's schedule, those of the same width and prefix keys and values joined, up to
-    `max_tokens` runs x positions per block call."""
-    out, open_chunks = [], {}
-    for chunk in chunks:
-        kind = (chunk.key, chunk.parts[0].group.width)
-        joined = open_chunks.get(kind)
-        if joined is None or sum(p.tokens for p in joined.parts + chunk.parts) > max_tokens:
-            joined = open_chunks[kind] = Chunk(chunk.key, chunk.of, [])
-            out.append(joined)
-        joined.parts += chunk.parts
-    return out
-
-
-def run_chunks(engine: FastEngine, job: PatchJob, batch: Batch, chunks: list, positions: dict, a: int,
-               b: int) -> list:
-    """The PatchedRuns of every part of `chunks` (runs.run_parts), a chunk that runs out of memory halved
-    (by parts, then schedule.split) and retried. `positions`: {site key: its positions in each example}."""
-    samples = batch.samples
 
     def run(chunk):
-        return runs.run_parts(engine, batch.clean, chunk.parts, job.layers, chunk.of, job.window)
+        group, layer_ids = chunk
+        return runs.run_group(engine, clean, group, layer_ids, job.layers, edit, keys_values_of, job.window)
 
-    def split(chunk):
-        if len(chunk.parts) > 1:
-            half = len(chunk.parts) // 2
-            return [Chunk(chunk.key, chunk.of, chunk.parts[:half]), Chunk(chunk.key, chunk.of, chunk.parts[half:])]
-        part = chunk.parts[0]
-        rows = copies(positions[job.sites[part.numbers[0]].key][a:b], samples)
-        halves = schedule.split((part.group, part.layer_ids), rows, engine.device)
-        return halves and [Chunk(chunk.key, chunk.of, [runs.Part(group, layer_ids, part.edit, part.numbers, part.heads)])
-                           for group, layer_ids in halves]
-
-    def describe(chunk):
-        labels = ", ".join(dict.fromkeys(job.sites[part.numbers[0]].label for part in chunk.parts))
-        count = sum(len(part.group.examples) * len(part.layer_ids) for part in chunk.parts)
-        return f"patching {count} runs at site {labels}"
+    def tokens_in(chunk):
+        group, layer_ids = chunk
+        return len(group.examples) * len(layer_ids) * group.width
 
     out = []
-    for chunk, done in halving_on_out_of_memory(chunks, run, split, describe, on_retry=lambda chunk: engine.shrink_budget(
-            sum(part.tokens for part in chunk.parts))):
-        for p, li, hidden in done:
-            part = chunk.parts[p]
-            rows = part.group.examples
-            layer_ids = torch.full_like(rows, li)
-            out.append(PatchedRuns(site_numbers(part), rows, layer_ids, hidden))
+    for (group, _), (hidden, order) in halving_on_out_of_memory(
+            chunks, run, lambda chunk: schedule.split(chunk, positions, engine.device),
+            lambda chunk: f"patching {len(chunk[0].examples) * len(chunk[1])} runs at site {site.label}",
+            on_retry=lambda chunk: engine.shrink_budget(tokens_in(chunk))):
+        rows = group.examples.repeat(len(order))
+        layer_ids = torch.as_tensor(order, device=engine.device).repeat_interleave(len(group.examples))
+        if group.heads is None:
+            site_numbers = torch.full((len(rows),), numbers[0], dtype=torch.long)
+        else:  # each row's head's site
+            number_of_head = torch.zeros(max(heads) + 1, dtype=torch.long)
+            number_of_head[heads] = torch.as_tensor(numbers)
+            site_numbers = number_of_head[group.heads.cpu().repeat(len(order))]
+        out.append(PatchedRuns(site_numbers, rows, layer_ids, hidden))
     return out
-
-
-def site_numbers(part) -> torch.Tensor:
-    """[n] the job's site number of each row of a runs.Part (a row's head's site, where heads share it)."""
-    if part.group.heads is None:
-        return torch.full((len(part.group.examples),), part.numbers[0], dtype=torch.long)
-    number_of_head = torch.zeros(max(part.heads) + 1, dtype=torch.long)
-    number_of_head[part.heads] = torch.as_tensor(part.numbers)
-    return number_of_head[part.group.heads.cpu()]
 
 
 def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:

@@ -61,19 +61,17 @@ class WriteRuns:
                           self._new_values(self.sources(group.examples[rows], slots, first_layer),
                                            None if group.heads is None else group.heads[rows]))
 
-    def in_block(self, group, firsts: list, index, block: int) -> dict:
-        """call_block's edit of the runs of `group` whose window holds `block`, at rows firsts[i] .. firsts[i]
-        + len(group.examples) of the call (`index`): a hook that writes into the component's output (not for
-        resid)."""
-        write = None if self.into_output else self._writes(group, firsts, block)
+    def in_block(self, group, runs: list, n: int, index, block: int, n_runs: int) -> dict:
+        """call_block's edit of the runs `runs` (indices in the call's order, n rows each) whose window
+        holds `block`: a hook that writes into the component's output (not for resid)."""
+        write = None if self.into_output else self._writes(group, runs, n, block)
         if write is None:
             return {}
         return {"write": (self.component, *write)}
 
-    def after_block(self, hidden: torch.Tensor, group, firsts: list, block: int) -> torch.Tensor:
-        """hidden [R, W, H] after the block: for resid, the source written into the runs' block output (the
-        runs at rows `firsts`, as in_block)."""
-        write = self._writes(group, firsts, block) if self.into_output else None
+    def after_block(self, hidden: torch.Tensor, group, runs: list, n: int, block: int) -> torch.Tensor:
+        """hidden [R, W, H] after the block: for resid, the source written into the runs' block output."""
+        write = self._writes(group, runs, n, block) if self.into_output else None
         return hidden if write is None else write_rows(hidden, *write)
 
     def _new_values(self, source, heads=None):
@@ -91,16 +89,15 @@ class WriteRuns:
             return out
         return by_head
 
-    def _writes(self, group, firsts, layer):
-        """(rows, positions, new_values) of the writes at `layer` into the runs at rows `firsts`; None if
-        nothing is written."""
+    def _writes(self, group, runs, n, layer):
+        """(rows, positions, new_values) of the writes at `layer` into `runs`; None if nothing is written."""
         rows, positions, slots = group.writes
-        if not firsts or len(rows) == 0:
+        if not runs or len(rows) == 0:
             return None
-        offsets = torch.as_tensor(firsts, device=rows.device).repeat_interleave(len(rows))
-        source = self.sources(group.examples[rows], slots, layer).repeat(len(firsts), 1)
-        heads = None if group.heads is None else group.heads[rows].repeat(len(firsts))
-        return rows.repeat(len(firsts)) + offsets, positions.repeat(len(firsts)), self._new_values(source, heads)
+        offsets = torch.as_tensor(runs, device=rows.device).repeat_interleave(len(rows)) * n
+        source = self.sources(group.examples[rows], slots, layer).repeat(len(runs), 1)
+        heads = None if group.heads is None else group.heads[rows].repeat(len(runs))
+        return rows.repeat(len(runs)) + offsets, positions.repeat(len(runs)), self._new_values(source, heads)
 
 
 class BlockRuns:
@@ -120,16 +117,14 @@ class BlockRuns:
     def joining(self, clean, group, block: int, first_layer: int) -> torch.Tensor:
         return group.index.gather(clean.inputs[block])
 
-    def in_block(self, group, firsts: list, index, block: int) -> dict:
-        """The keys [R, P + W] that each row's last query may not attend to: in the runs of `group` whose
-        window holds the block (at rows firsts[i] .. firsts[i] + len(group.examples) of the call), the site's
-        positions; none elsewhere."""
-        in_window = torch.zeros(len(index.examples), dtype=torch.bool, device=self.site_mask.device)
-        for first in firsts:
-            in_window[first:first + len(group.examples)] = True
+    def in_block(self, group, runs: list, n: int, index, block: int, n_runs: int) -> dict:
+        """The keys [R, P + W] that each row's last query may not attend to, in the runs whose window holds
+        the block."""
+        in_window = torch.zeros(n_runs, dtype=torch.bool, device=self.site_mask.device)
+        in_window[runs] = True
         keys = index.keys.clamp(max=self.site_mask.shape[1] - 1)
-        blocked = self.site_mask[index.examples[:, None], keys] & index.valid & in_window[:, None]
+        blocked = self.site_mask[index.examples[:, None], keys] & index.valid & in_window.repeat_interleave(n)[:, None]
         return {"blocked": blocked}
 
-    def after_block(self, hidden, group, firsts, block):
+    def after_block(self, hidden, group, runs, n, block):
         return hidden
