@@ -270,6 +270,20 @@ def test_out_of_memory_errors_are_recognised():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+def test_a_sites_numbers_do_not_depend_on_the_other_sites_of_its_job(load_family, pairs_for):
+    """Each site's runs have block calls of their own: adding sites to a job leaves a site's numbers as they
+    were, bit for bit (sites computing as many positions, at the last position, included)."""
+    model, tokenizer = load_family("llama")
+    pairs = pairs_for(model, tokenizer, examples=8, seed=4)
+    at_last = [s for s in ALL_SITES if s.positions == "last"]
+    acts = extract(model, tokenizer, pairs, ALL_SITES, batch_size=8)
+    alone = patch_job(model, tokenizer, pairs, acts, at_last[:1], batch_size=8)
+    together = patch_job(model, tokenizer, pairs, acts, at_last + ALL_SITES[:2], batch_size=8)
+    for name in alone[at_last[0].name].data_vars:
+        np.testing.assert_array_equal(together[at_last[0].name][name].values, alone[at_last[0].name][name].values,
+                                      err_msg=name)
+
+
 def test_a_head_that_does_not_reproduce_the_models_logits_is_refused(load_family, pairs_for):
     """The engine's own head gives every logit it compares (the clean run's too); where it differs from the
     model's own logits, checked on the longest prompts of the batch, the job stops with one patchmap error."""
