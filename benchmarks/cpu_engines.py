@@ -100,21 +100,27 @@ def _job(directory, examples, site_specs=SITES):
     return model, tokenizer, pairs, sites, layers, acts
 
 
+def swap_job(model, pad_id, pairs, sites, layers, acts, batch_size):
+    """The benchmarks' PatchJob: swap patching of `pairs` at `sites` and `layers`, batches of `batch_size`."""
+    from patchmap.interventions import Swap
+    from patchmap.job import PatchJob
+
+    return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size, pad_id=pad_id,
+                    intervention=Swap(), sources=acts, progress=False)
+
+
 def worker(directory, engine, examples, out, repeat=2):
     """One engine on the job; writes its metrics (npz) and a JSON line with time and memory. After a
     warm-up on 4 examples the job runs `repeat` times; the fastest counts (the machine is shared)."""
     import torch
 
     from patchmap.engines.fast.blocks import FastEngine
-    from patchmap.interventions import Swap
-    from patchmap.job import PatchJob
     from patchmap.patching import run_patch_job
 
     model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
 
     def job(pairs, acts, batch_size):
-        return PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=batch_size,
-                        pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False)
+        return swap_job(model, tokenizer.pad_token_id, pairs, sites, layers, acts, batch_size)
 
     def run(pairs, acts):
         if engine == "nnsight":
@@ -162,8 +168,6 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
     and metrics). Seconds per phase."""
     from patchmap.engines.fast import driver, runs
     from patchmap.engines.fast.blocks import FastEngine
-    from patchmap.interventions import Swap
-    from patchmap.job import PatchJob
     from patchmap.patching import run_patch_job
 
     engine = FastEngine(model)
@@ -191,8 +195,7 @@ def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
     driver.score = timed(lambda *a, **k: "output embedding + metrics (all runs)", score)
     try:
         start = time.perf_counter()
-        run_patch_job(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
-                               pad_id=pad_id, intervention=Swap(), sources=acts, progress=False), engine=engine)
+        run_patch_job(swap_job(model, pad_id, pairs, sites, layers, acts, examples), engine=engine)
         seconds["total"] = time.perf_counter() - start
     finally:
         runs.run_group, driver.score = run_group, score
@@ -286,16 +289,13 @@ def padding_worker(directory, examples, values, rounds):
     the machine's load falls on every value alike); prints the fastest and the median time of each."""
     from patchmap.engines.fast import schedule
     from patchmap.engines.fast.blocks import FastEngine
-    from patchmap.interventions import Swap
-    from patchmap.job import PatchJob
     from patchmap.patching import run_patch_job
 
     model, tokenizer, pairs, sites, layers, acts = _job(directory, examples)
 
     def run():
         start = time.perf_counter()
-        run_patch_job(PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=examples,
-                               pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False),
+        run_patch_job(swap_job(model, tokenizer.pad_token_id, pairs, sites, layers, acts, examples),
                       engine=FastEngine(model))
         return time.perf_counter() - start
 
@@ -318,8 +318,6 @@ def head_worker(directory, engine, examples, out, repeat, loop_examples):
 
     from patchmap import models
     from patchmap.engines.fast.blocks import FastEngine
-    from patchmap.interventions import Swap
-    from patchmap.job import PatchJob
     from patchmap.patching import run_patch_job
 
     model, tokenizer, pairs, sites, layers, acts = _job(directory, examples, HEAD_SITES)
@@ -329,8 +327,7 @@ def head_worker(directory, engine, examples, out, repeat, loop_examples):
     def run(pairs, acts):
         if engine == "loop":
             return hook_loop(model, pairs, acts, sites[0], layers, tokenizer.pad_token_id)
-        job = PatchJob(model=model, pairs=pairs, sites=sites, layers=layers, batch_size=pairs.sizes["example"],
-                       pad_id=tokenizer.pad_token_id, intervention=Swap(), sources=acts, progress=False)
+        job = swap_job(model, tokenizer.pad_token_id, pairs, sites, layers, acts, pairs.sizes["example"])
         return run_patch_job(job, engine=FastEngine(model) if engine == "fast" else "reference")["heads"]["js"].values
 
     run(pairs.isel(example=[0]), acts.isel(example=[0]))  # warm-up

@@ -31,23 +31,22 @@ class _PrefixCache(DynamicCache):
 
     def __init__(self, keys, values, prefix):
         super().__init__()
-        self.prefix = (keys, values)
-        self.length = prefix
+        self.keys_values, self.prefix = (keys, values), prefix
 
     recorded = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.recorded = (key_states, value_states)
-        keys, values = self.prefix
-        if keys is None or self.length == 0:
+        keys, values = self.keys_values
+        if keys is None or self.prefix == 0:
             return key_states, value_states
-        end = self.length + key_states.shape[2]
-        if keys.shape[2] < end:
-            return (torch.cat([keys[:, :, :self.length], key_states], dim=2),
-                    torch.cat([values[:, :, :self.length], value_states], dim=2))
+        end = self.prefix + key_states.shape[2]
+        if keys.shape[2] < end:  # padded rows reach beyond the prompts: no room after the prefix
+            return (torch.cat([keys[:, :, :self.prefix], key_states], dim=2),
+                    torch.cat([values[:, :, :self.prefix], value_states], dim=2))
         keys, values = keys[:, :, :end], values[:, :, :end]
-        keys[:, :, self.length:] = key_states
-        values[:, :, self.length:] = value_states
+        keys[:, :, self.prefix:] = key_states
+        values[:, :, self.prefix:] = value_states
         return keys, values
 
 

@@ -211,8 +211,8 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
     hidden = hidden[by_example.to(hidden.device)]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    step = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
-    step = samples * -(-len(rows) // samples // -(-len(rows) // step))  # as many chunks, of equal sizes
+    most = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
+    step = samples * -(-len(rows) // samples // -(-len(rows) // most))  # as many chunks, of equal sizes
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
         logits = engine.head(hidden[part])  # [step, V] float32

@@ -6,14 +6,13 @@ from collections import defaultdict
 import torch
 
 from ...job import window_layers
-from .schedule import RowIndex
 
 
 @torch.no_grad()
 def run_group(engine, clean, group, layer_ids: list, layers: list, edit, keys_values_of, window: int = 1):
     """Last-position hidden states [len(layer_ids) * len(group.examples), H] of the runs (example, layer)
-    of `group` (a schedule.Group: examples sharing a suffix width, the narrower ones padded to it), rows layer-major in the returned order
-    of layer ids. The run for layer l edits (`edit`: a WriteRuns or BlockRuns) every layer of
+    of `group` (a schedule.Group: examples sharing a suffix width, the narrower ones padded to it), rows
+    layer-major in the returned order of layer ids. The run for layer l edits (`edit`: a WriteRuns or BlockRuns) every layer of
     window_layers(l, window); `keys_values_of(block)` gives the prefix keys and values of a block."""
     # 1. where each run joins (edit.join_block: its window's first block, or the one after it)
     n, width = len(group.examples), group.width
@@ -21,9 +20,7 @@ def run_group(engine, clean, group, layer_ids: list, layers: list, edit, keys_va
     joins = defaultdict(list)  # block index -> layer ids joining there
     for li in layer_ids:
         joins[edit.join_block(windows[li][0])].append(li)
-    widths = group.index.widths
-    full = RowIndex(group.examples.repeat(len(layer_ids)), group.starts.repeat(len(layer_ids)), width,
-                    group.index.prefix, None if widths is None else widths.repeat(len(layer_ids)))
+    full = group.index.repeat(len(layer_ids))
     hidden, order = None, []
     for block in range(min(joins), engine.n_layers + 1):
         # 2. the runs joining here enter with the clean block input (or output, source written in)
@@ -43,6 +40,6 @@ def run_group(engine, clean, group, layer_ids: list, layers: list, edit, keys_va
         hidden = edit.after_block(hidden, group, runs, n, block)
     engine.stats["patched_runs"] += hidden.shape[0]
     engine.stats["span_runs"] += hidden.shape[0] if group.span else 0
-    engine.stats["padded_runs"] += 0 if widths is None else int((widths < width).sum()) * len(order)
+    engine.stats["padded_runs"] += int((group.index.widths < width).sum()) * len(order)
     last = full.last.to(hidden.device)
     return hidden[torch.arange(len(last), device=hidden.device), last], order

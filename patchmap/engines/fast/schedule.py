@@ -14,37 +14,38 @@ PADDING = 0.25  # the share of padded positions up to which runs of different wi
 class RowIndex:
     """Rows of a block call: row r is a run on clean example examples[r] at positions
     [starts[r], starts[r] + widths[r]), padded at the end to `width` (widths None: every row is `width`
-    wide); its prefix (positions before starts[r]) is read from a cache padded to `prefix` positions (at
+    wide, widths[r] = width); its prefix (positions before starts[r]) is read from a cache padded to `prefix` positions (at
     least the longest start, given by the caller so that no device sync is needed), and masked beyond
     starts[r]. A padded position computes garbage that no real one reads: its key is masked, and it stands
     at its row's last real position wherever a position is looked up."""
 
     def __init__(self, examples, starts, width, prefix, widths=None):
-        self.examples, self.starts, self.width, self.prefix, self.widths = examples, starts, width, prefix, widths
-        offsets = torch.arange(width, device=starts.device)
-        if widths is not None:
-            offsets = torch.minimum(offsets[None, :], widths[:, None] - 1)
-        self.positions = starts[:, None] + offsets                                  # [R, W]
+        self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
+        self.widths = torch.full_like(starts, width) if widths is None else widths     # [R]
+        offsets = torch.arange(width, device=starts.device)[None, :]
+        self.positions = starts[:, None] + torch.minimum(offsets, self.widths[:, None] - 1)  # [R, W]
 
     def to(self, device):
         """This index with its tensors on `device` (the device of a block it is used in)."""
         if self.examples.device == device:
             return self
         return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix,
-                        None if self.widths is None else self.widths.to(device))
+                        self.widths.to(device))
 
     def first(self, rows):
         """The index of the first `rows` rows (runs join the batch at the end)."""
         if rows == len(self.examples):
             return self
-        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix,
-                        None if self.widths is None else self.widths[:rows])
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix, self.widths[:rows])
+
+    def repeat(self, times):
+        """This index's rows `times` over, one after another."""
+        return RowIndex(self.examples.repeat(times), self.starts.repeat(times), self.width, self.prefix,
+                        self.widths.repeat(times))
 
     @property
     def last(self):
         """[R] each row's last real position, as a column of the call."""
-        if self.widths is None:
-            return torch.full_like(self.examples, self.width - 1)
         return self.widths - 1
 
     @property
@@ -55,10 +56,7 @@ class RowIndex:
     @property
     def valid(self):
         prefix = torch.arange(self.prefix, device=self.starts.device)[None, :] < self.starts[:, None]
-        if self.widths is None:
-            suffix = torch.ones_like(self.positions, dtype=torch.bool)
-        else:
-            suffix = torch.arange(self.width, device=self.starts.device)[None, :] < self.widths[:, None]
+        suffix = torch.arange(self.width, device=self.starts.device)[None, :] < self.widths[:, None]
         return torch.cat([prefix, suffix], dim=1)
 
     def rows_in(self, tensor):
@@ -159,8 +157,7 @@ def group(members: list, positions: list, width: int, span: bool, device, writes
                     column.append(value)
     examples, starts, real, heads = (None if column[0] is None else torch.as_tensor(column, device=device)
                                      for column in zip(*members))
-    padded = None if all(w == width for w in real.tolist()) else real
-    return Group(RowIndex(examples, starts, width, max(m[1] for m in members), padded),
+    return Group(RowIndex(examples, starts, width, max(m[1] for m in members), real),
                  tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
                  writes_sources, heads)
 
@@ -168,10 +165,8 @@ def group(members: list, positions: list, width: int, span: bool, device, writes
 def members_of(runs: Group) -> list:
     """A group's members, as group() takes them: (example, first computed position, positions computed,
     head or None)."""
-    n = len(runs.examples)
-    real = runs.index.widths.tolist() if runs.index.widths is not None else [runs.width] * n
-    heads = runs.heads.tolist() if runs.heads is not None else [None] * n
-    return list(zip(runs.examples.tolist(), runs.starts.tolist(), real, heads))
+    heads = runs.heads.tolist() if runs.heads is not None else [None] * len(runs.examples)
+    return list(zip(runs.examples.tolist(), runs.starts.tolist(), runs.index.widths.tolist(), heads))
 
 
 def split(chunk: tuple, positions: list, device):
