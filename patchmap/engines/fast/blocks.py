@@ -94,7 +94,11 @@ class FastEngine:
         self.stats = Counter()
         self.warned = set()  # warnings given once per engine
         self.positional_names = [positional_names(b) for b in self.blocks]
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward = inspect.signature(model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in forward
+        # the model's cache argument: `cache` in newer transformers (5.24), `past_key_values` in older ones (5.4
+        # to 5.17); a name the model does not take is swallowed by its **kwargs, and nothing is recorded
+        self.cache_keyword = next((name for name in CACHE_ARGUMENTS if name in forward), None)
 
     def _default_tokens(self):
         gpus = {d for d in self.block_devices if d.type == "cuda"}

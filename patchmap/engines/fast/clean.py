@@ -83,8 +83,9 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     cache = _RecordingCache(engine.config)
     keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     try:
-        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                              use_cache=True, **keep).logits
+        recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
+        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **recording, **keep).logits
     finally:
         for h in handles:
             h.remove()
