@@ -153,7 +153,7 @@ def worker(directory, engine, examples, out, repeat=2):
     floor_tflop = floor_flops(model, lengths, pairs["subject_end"].values) / 1e12
     fast_tflop = fast_flops(model, extra, float((lengths.astype(float) ** 2).sum())) / 1e12 if extra else None
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
-    mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
+    mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_mlp_tokens", 0)
     print(json.dumps({"engine": engine, "seconds": seconds, "runs": runs, "peak_mb": _rss_mb(),
                       "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
                       "prompt_tokens": float(pairs["length"].mean()),

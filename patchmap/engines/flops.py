@@ -25,14 +25,15 @@ def _vocabulary_and_width(model):
 def fast_flops(model, stats, clean_positions_sq):
     """The fast engine's schedule: attention projections for every position computed, the MLP where it
     ran (the last block's at the last position only), attention scores, the output embedding for each
-    run and the clean runs' kept positions, and the clean runs' blocks."""
+    run and the clean runs' kept positions, and the clean runs' blocks (attention at every position of the
+    padded batch, the MLP where it ran)."""
     attention, mlp = block_parameters(model)
     vocab, width = _vocabulary_and_width(model)
     layers, hidden = models.n_layers(model), model.config.hidden_size
     patched = 2 * attention * stats["block_tokens"] + 2 * mlp * stats["mlp_tokens"] \
         + 4 * hidden * stats["attention_scores"] + 2 * width * vocab * stats["head_rows"]
-    clean = 2 * (attention + mlp) * layers * stats["clean_tokens"] + 4 * hidden * layers * clean_positions_sq \
-        + 2 * width * vocab * stats["clean_logit_rows"]
+    clean = 2 * attention * layers * stats["clean_tokens"] + 2 * mlp * stats["clean_mlp_tokens"] \
+        + 4 * hidden * layers * clean_positions_sq + 2 * width * vocab * stats["clean_logit_rows"]
     return patched + clean
 
 

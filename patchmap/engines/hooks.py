@@ -60,6 +60,28 @@ def hooks(pairs):
             h.remove()
 
 
+def skip_mlp_rows(modules, keep: torch.Tensor) -> list:
+    """(module, hook) pairs for `hooks` that run the MLP (entry module .. exit module) only on the flattened
+    token rows `keep` [N]; the other rows of its output are zero. The block's output there is then wrong, and
+    must be unused."""
+    entry, exit_ = modules
+    shape = {}
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs.pop(next(iter(kwargs)))
+        shape["full"] = x.shape
+        flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)]
+        x = flat[None] if x.dim() == 3 else flat  # [1, N, H]: rows need not be as many in every sequence
+        return ((x, *args[1:]) if args else (x,)), kwargs
+
+    def post_hook(module, args, output):
+        h = output_tensor(output)
+        full = h.new_zeros(*shape["full"][:-1], h.shape[-1])
+        full.reshape(-1, h.shape[-1])[keep.to(full.device)] = h.reshape(-1, h.shape[-1])
+        return with_tensor(output, full)
+    return [(entry, pre_hook, "pre"), (exit_, post_hook)]
+
+
 def replacing(mask, values, combine=None):
     """A function of an activation [B, T, H] that writes `values` [B, T, H] where `mask` [B, T] is true;
     with `combine`, combine(activation, values) there instead. An activation flattened to [B * T, H] (OPT's

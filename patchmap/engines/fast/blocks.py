@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from ... import layouts, models
 from ...errors import UserError
-from ..hooks import edit_hook, hooks, output_tensor, with_tensor
+from ..hooks import edit_hook, hooks, output_tensor, skip_mlp_rows
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .head import OutputHead
 from .schedule import RowIndex
@@ -197,7 +197,7 @@ class FastEngine:
             keep = torch.arange(0, rows * width, width, device=device) + index.last if mlp == "last" \
                 else torch.zeros(0, dtype=torch.long, device=device)
             self.stats["mlp_tokens"] += len(keep)
-            registered = _skip_mlp_rows(self.mlp_modules[layer], keep)
+            registered = skip_mlp_rows(self.mlp_modules[layer], keep)
         if write is not None:
             component, write_at, positions, new_values = write
 
@@ -250,24 +250,3 @@ def _block_last_query(mask, blocked, last):
     if mask.dtype == torch.bool:
         return mask & ~edges
     return mask.masked_fill(edges, torch.finfo(mask.dtype).min)
-
-
-def _skip_mlp_rows(modules, keep):
-    """Hooks that run the MLP (entry module .. exit module) only on the flattened token rows `keep`;
-    the other rows of its output are zero. The block's output there is then wrong, and unused."""
-    entry, exit_ = modules
-    shape = {}
-
-    def pre_hook(module, args, kwargs):
-        x = args[0] if args else kwargs.pop(next(iter(kwargs)))
-        shape["full"] = x.shape
-        flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)]
-        x = flat.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else flat
-        return ((x, *args[1:]) if args else (x,)), kwargs
-
-    def post_hook(module, args, output):
-        h = output_tensor(output)
-        full = h.new_zeros(*shape["full"][:-1], h.shape[-1])
-        full.reshape(-1, h.shape[-1])[keep.to(full.device)] = h.reshape(-1, h.shape[-1])
-        return with_tensor(output, full)
-    return [(entry, pre_hook, "pre"), (exit_, post_hook)]

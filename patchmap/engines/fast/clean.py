@@ -10,7 +10,7 @@ from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ..hooks import add_hook, check_finite, output_tensor, pad_batch
+from ..hooks import add_hook, check_finite, hooks, output_tensor, pad_batch, skip_mlp_rows
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -82,10 +82,11 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     # logits_to_keep to the first device, and the last hidden states may be on another
     cache = _RecordingCache(engine.config)
     keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
+    recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     try:
-        recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
-        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **recording, **keep).logits
+        with hooks(mlp_where_read(engine, mask, lengths)):
+            logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  **recording, **keep).logits
     finally:
         for h in handles:
             h.remove()
@@ -103,6 +104,21 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     check_head(engine, last_logits[checked.to(engine.output_device)], model_logits)
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_logits)
+
+
+def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> list:
+    """Hooks that compute each block's MLP only where something reads its output: at the prompts' positions
+    (`mask` [B, T]), and in the last block at their last positions only (the patched runs read the clean
+    run's hidden states at real positions, and its last output at the last ones). Padded positions are
+    masked as keys everywhere, so what they hold does not matter."""
+    real = mask.flatten().nonzero().squeeze(1)
+    last = torch.arange(len(lengths), device=lengths.device) * mask.shape[1] + lengths - 1
+    pairs = []
+    for layer in range(engine.n_layers):
+        keep = last if layer == engine.n_layers - 1 else real
+        engine.stats["clean_mlp_tokens"] += len(keep)
+        pairs += skip_mlp_rows(engine.mlp_modules[layer], keep)
+    return pairs
 
 
 def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:
