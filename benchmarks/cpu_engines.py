@@ -11,8 +11,9 @@ and loaded through patchmap.models.load. The job: 32 synthetic swap pairs (the w
 built-in world: 9.3 tokens on average, 12 at most, the subject at positions 1 to 3; its ids the first of
 the model's vocabulary, 50,257 or 32,000 words; `--vocab 0` shrinks it to the tokenizer's 115), 3 sites
 (Subj. = resid at the subject, Attn. = attn at the last token, Last. = resid at the last token), every
-layer. Each engine runs in its own process (so peak memory is its own); the source activations are
-extracted once per model and shared. The table gives the patch-stage time, patched runs per second, the
+layer. Each engine runs in its own process (so peak memory is its own), and the processes take turns: in
+each of `--repeat` rounds every engine runs the job once while the others wait, and each engine's fastest
+run counts, so that a shared machine's changing load falls on all engines alike. The table gives the patch-stage time, patched runs per second, the
 speed-up over the reference, the peak resident memory of the process and its growth during patching, and
 checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
 schedule and of the exact-work floor (patchmap/engines/flops.py), and where the fast engine's time goes.
@@ -54,6 +55,7 @@ SHAPES = {
     "llama": "Llama shape: 12 layers, width 768, 12 heads (4 key/value), MLP 2048",
 }
 VOCABULARY = {"gpt2": 50257, "llama": 32000}
+PROTOCOL = "@@ "  # starts the lines a worker answers the main process with (libraries may print others)
 HEAD_SITES = {"heads": {"label": "Heads@last", "component": "head", "positions": "last"}}
 
 
@@ -109,9 +111,11 @@ def swap_job(model, pad_id, pairs, sites, layers, acts, batch_size):
                     intervention=Swap(), sources=acts, progress=False)
 
 
-def worker(directory, engine, examples, out, repeat=2):
-    """One engine on the job; writes its metrics (npz) and a JSON line with time and memory. After a
-    warm-up on 4 examples the job runs `repeat` times; the fastest counts (the machine is shared)."""
+def worker(directory, engine, examples, out):
+    """One engine on the job, in turns that interleaved() gives: after a warm-up on 4 examples it says
+    ready, then runs the job once for every `run` line on its standard input (answering each with its
+    time); at the end of the input it writes its metrics (npz) and a line with its fastest time, memory and
+    counters. Protocol lines start with PROTOCOL."""
     import torch
 
     from patchmap.engines.fast.blocks import FastEngine
@@ -134,11 +138,13 @@ def worker(directory, engine, examples, out, repeat=2):
     few = slice(0, min(4, examples))
     run(pairs.isel(example=few), acts.isel(example=few))  # warm-up: first calls of kernels, lazy weights
     before = _rss_mb()
+    print(PROTOCOL + "ready", flush=True)
     times = []
-    for _ in range(repeat):
+    for _ in sys.stdin:
         start = time.perf_counter()
         results, extra = run(pairs, acts)
         times.append(time.perf_counter() - start)
+        print(PROTOCOL + json.dumps(times[-1]), flush=True)
     seconds = min(times)
     phases = fast_phases(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id) if engine == "fast" else {}
     np.savez(out, **{f"{s}:{k}": results[s][k].values for s in results for k in ("js", "kl_patched_target",
@@ -154,12 +160,46 @@ def worker(directory, engine, examples, out, repeat=2):
     fast_tflop = fast_flops(model, extra, float((lengths.astype(float) ** 2).sum())) / 1e12 if extra else None
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_mlp_tokens", 0)
-    print(json.dumps({"engine": engine, "seconds": seconds, "runs": runs, "peak_mb": _rss_mb(),
+    print(PROTOCOL + json.dumps({"engine": engine, "seconds": seconds, "times": times, "runs": runs, "peak_mb": _rss_mb(),
                       "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
                       "prompt_tokens": float(pairs["length"].mean()),
                       "reference_work": reference_work, "fast_work": fast_work,
                       "mlp_work": mlp_work, "phases": phases, "reference_tflop": reference_tflop,
                       "fast_tflop": fast_tflop, "floor_tflop": floor_tflop}))
+
+
+def interleaved(commands: dict, repeat: int, cwd) -> dict:
+    """Start a worker process per engine ({engine: command line}), then time them in turns: `repeat` rounds
+    in which each engine runs the job once while the others wait, so that a shared machine's changing load
+    falls on every engine alike (the engines' speed-up is a ratio of times taken minutes apart). Returns
+    {engine: the worker's last line, parsed} for the workers that finished; prints the failures."""
+    def answer(engine):
+        for line in processes[engine].stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):]) if line[len(PROTOCOL):].strip() != "ready" else "ready"
+        return None  # the worker ended without answering
+
+    with tempfile.TemporaryDirectory() as logs:
+        processes = {engine: subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                              stderr=open(os.path.join(logs, f"{engine}.log"), "w"), cwd=cwd)
+                     for engine, command in commands.items()}
+        alive = [engine for engine in commands if answer(engine) == "ready"]
+        for _ in range(repeat):
+            for engine in list(alive):
+                processes[engine].stdin.write("run\n")
+                processes[engine].stdin.flush()
+                if answer(engine) is None:
+                    alive.remove(engine)
+        finished = {}
+        for engine, process in processes.items():
+            if engine in alive:
+                process.stdin.close()
+                finished[engine] = answer(engine)
+            process.wait()
+            if finished.get(engine) is None:
+                finished.pop(engine, None)
+                print(f"  {engine}: failed\n{open(os.path.join(logs, f'{engine}.log')).read()[-2000:]}")
+    return finished
 
 
 def fast_phases(model, pairs, acts, sites, layers, examples, pad_id):
@@ -384,7 +424,9 @@ def main():
     parser.add_argument("--vocab", type=int, default=None,
                         help="vocabulary size (default: the shape's, 50,257 and 32,000; 0: the tokenizer's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeat", type=int, default=2, help="timed repetitions per engine (the fastest counts)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of timed runs, each engine once per round in turn; the fastest counts "
+                             "(default 3; the head sweep: 2 runs per engine)")
     parser.add_argument("--reference-batch", type=int, default=None, metavar="N",
                         help="also time the reference engine in batches of N prompts (1: one forward per prompt, "
                              "site and layer, as TransformerLens' generic_activation_patch and ROME's causal "
@@ -394,15 +436,16 @@ def main():
     parser.add_argument("--loop-examples", type=int, default=4,
                         help="prompts the batch-1 hook loop of the head sweep runs (its cost per run is the same "
                              "for any number)")
-    parser.add_argument("--worker", nargs=5, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT", "REPEAT"),
+    parser.add_argument("--worker", nargs=4, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--padding", metavar="P,P,...", default=None,
                         help="instead: time the fast engine with each of these values of schedule.PADDING (the "
                              "share of padded positions up to which runs of different widths share block calls), "
-                             "alternating in one process, --repeat x 3 runs each")
+                             "alternating in one process, --repeat x 2 runs each")
     parser.add_argument("--head-worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--padding-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.repeat = args.repeat or (2 if args.heads else 3)
     if args.threads and (args.worker or args.head_worker or args.padding_worker):
         import torch
         torch.set_num_threads(args.threads)
@@ -419,8 +462,8 @@ def main():
         head_sweep(args, root)
         return
     if args.worker:
-        directory, engine, examples, out, repeat = args.worker
-        worker(directory, engine, int(examples), out, int(repeat))
+        directory, engine, examples, out = args.worker
+        worker(directory, engine, int(examples), out)
         return
     if args.padding:
         with tempfile.TemporaryDirectory() as tmp:
@@ -429,7 +472,7 @@ def main():
                 build(kind, directory, args.vocab)
                 print(f"{kind}: {SHAPES[kind]}; the fast engine with each PADDING in turn", flush=True)
                 subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--padding-worker",
-                                directory, str(args.examples), args.padding, str(3 * args.repeat)], cwd=root,
+                                directory, str(args.examples), args.padding, str(2 * args.repeat)], cwd=root,
                                check=True)
         return
     try:
@@ -446,18 +489,14 @@ def main():
             directory = os.path.join(tmp, kind)
             vocabulary = build(kind, directory, args.vocab)
             print(f"{kind}: {SHAPES[kind]}, vocabulary {vocabulary:,}", flush=True)
-            measured = {}
-            for engine in engines:
-                out = os.path.join(tmp, f"{kind}-{engine}.npz")
-                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", directory, engine, str(args.examples),
-                                       out, str(args.repeat)], capture_output=True, text=True, cwd=root)
-                if proc.returncode != 0:
-                    print(f"  {engine}: failed\n{proc.stderr[-2000:]}")
-                    continue
-                measured[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-                measured[engine]["metrics"] = dict(np.load(out))
-                m = measured[engine]
-                print(f"  {engine}: {m['seconds']:.1f} s", flush=True)
+            out = {engine: os.path.join(tmp, f"{kind}-{engine}.npz") for engine in engines}
+            measured = interleaved({engine: [sys.executable, __file__, "--threads", str(args.threads), "--worker",
+                                             directory, engine, str(args.examples), out[engine]]
+                                    for engine in engines}, args.repeat, root)
+            for engine, m in measured.items():
+                m["metrics"] = dict(np.load(out[engine]))
+                print(f"  {engine}: {m['seconds']:.1f} s (fastest of {', '.join(f'{t:.1f}' for t in m['times'])})",
+                      flush=True)
             reference = measured.get("reference")
             for engine, m in measured.items():
                 agree = "-"
