@@ -2,7 +2,9 @@
 
 For a batch of examples, the unpatched target runs once through the model's own forward. Hooks record
 each decoder block's input hidden state and call arguments (masks, rotary embeddings, position ids), and
-a recording cache records each layer's keys and values. The patched runs then never go through the
+a recording cache, given under the model's own name for its cache argument, records each layer's keys and
+values; each block's MLP runs only where something reads it (the prompts' positions, not the batch's
+padding; in the last block, their last positions). The patched runs then never go through the
 model's forward; they go through its decoder blocks, called directly, on a schedule over layers:
 
 - a run patched at layer l joins the batch at block l (attn, mlp: with the clean block input, and a hook
