@@ -84,13 +84,15 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     try:
-        with hooks(mlp_where_read(engine, mask, lengths)):
+        mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
+        with hooks(mlp_hooks):
             logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                   **recording, **keep).logits
     finally:
         for h in handles:
             h.remove()
     engine.stats["clean_tokens"] += ids.numel()
+    engine.stats["clean_mlp_tokens"] += mlp_rows
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
     # 4. each prompt's last-position logits from the engine's head, as the patched runs' come, checked
     # against the model's own where it computed them (the prompts as long as the batch, with logits_to_keep)
@@ -106,19 +108,17 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
                     cache.recorded, last_logits)
 
 
-def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> list:
-    """Hooks that compute each block's MLP only where something reads its output: at the prompts' positions
-    (`mask` [B, T]), and in the last block at their last positions only (the patched runs read the clean
-    run's hidden states at real positions, and its last output at the last ones). Padded positions are
-    masked as keys everywhere, so what they hold does not matter."""
+def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
+    """(hooks, rows the MLPs compute in all): hooks that compute each block's MLP only where something
+    reads its output: at the prompts' positions (`mask` [B, T]), and in the last block at their last
+    positions only (the patched runs read the clean run's hidden states at real positions, and its last
+    output at the last ones). Padded positions are masked as keys everywhere: what they hold does not
+    matter."""
     real = mask.flatten().nonzero().squeeze(1)
     last = torch.arange(len(lengths), device=lengths.device) * mask.shape[1] + lengths - 1
-    pairs = []
-    for layer in range(engine.n_layers):
-        keep = last if layer == engine.n_layers - 1 else real
-        engine.stats["clean_mlp_tokens"] += len(keep)
-        pairs += skip_mlp_rows(engine.mlp_modules[layer], keep)
-    return pairs
+    keep = [real] * (engine.n_layers - 1) + [last]
+    pairs = [pair for layer, rows in enumerate(keep) for pair in skip_mlp_rows(engine.mlp_modules[layer], rows)]
+    return pairs, sum(len(rows) for rows in keep)
 
 
 def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:
