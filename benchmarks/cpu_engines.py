@@ -417,23 +417,31 @@ def head_sweep(args, root):
               f"{m['seconds']:.2f} | {rate:.0f} | {speedup:.1f}x | {agree} |")
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2,llama")
-    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--examples", type=positive, default=32)
     parser.add_argument("--vocab", type=int, default=None,
                         help="vocabulary size (default: the shape's, 50,257 and 32,000; 0: the tokenizer's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeat", type=int, default=None,
+    parser.add_argument("--repeat", type=positive, default=None,
                         help="rounds of timed runs, each engine once per round in turn; the fastest counts "
                              "(default 3; the head sweep: 2 runs per engine)")
-    parser.add_argument("--reference-batch", type=int, default=None, metavar="N",
+    parser.add_argument("--reference-batch", type=positive, default=None, metavar="N",
                         help="also time the reference engine in batches of N prompts (1: one forward per prompt, "
                              "site and layer, as TransformerLens' generic_activation_patch and ROME's causal "
                              "tracing run); the speed-up column stays relative to the reference over all prompts")
     parser.add_argument("--heads", action="store_true",
                         help="the head sweep on the Llama-shaped model instead (see above)")
-    parser.add_argument("--loop-examples", type=int, default=4,
+    parser.add_argument("--loop-examples", type=positive, default=4,
                         help="prompts the batch-1 hook loop of the head sweep runs (its cost per run is the same "
                              "for any number)")
     parser.add_argument("--worker", nargs=4, metavar=("DIR", "ENGINE", "EXAMPLES", "OUT"),
