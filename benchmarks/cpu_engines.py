@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cli import non_negative, positive
 from patchmap.engines.flops import fast_flops, floor_flops, padded_batches, reference_flops
 
 SITES = {
@@ -417,21 +418,13 @@ def head_sweep(args, root):
               f"{m['seconds']:.2f} | {rate:.0f} | {speedup:.1f}x | {agree} |")
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer of 1 or more."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
-    return value
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2,llama")
     parser.add_argument("--examples", type=positive, default=32)
-    parser.add_argument("--vocab", type=int, default=None,
+    parser.add_argument("--vocab", type=non_negative, default=None,
                         help="vocabulary size (default: the shape's, 50,257 and 32,000; 0: the tokenizer's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=positive, default=None,
                         help="rounds of timed runs, each engine once per round in turn; the fastest counts "
                              "(default 3; the head sweep: 2 runs per engine)")

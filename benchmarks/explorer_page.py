@@ -26,6 +26,7 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from cli import positive
 
 
 from patchmap.explorer import PLOTLY_JS, explorer_html
@@ -77,7 +78,7 @@ def measure(page, loads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pages", nargs="*", help="explorer.html files already written (e.g. the default run's)")
-    parser.add_argument("--loads", type=int, default=5, help="loads per page (default 5)")
+    parser.add_argument("--loads", type=positive, default=5, help="loads per page (default 5)")
     parser.add_argument("--keep", action="store_true", help="keep the paper-sized page and say where it is")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="patchmap-explorer-bench-"))

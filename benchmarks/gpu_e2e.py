@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from cli import positive
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "llama2-7b-random"
@@ -62,9 +63,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script end to end")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
-    parser.add_argument("--facts", type=int, default=1209, help="facts in the dataset (known_1000 has 1,209)")
-    parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--facts", type=positive, default=1209, help="facts in the dataset (known_1000 has 1,209)")
+    parser.add_argument("--shard-size", type=positive, default=256)
+    parser.add_argument("--batch-size", type=positive, default=32)
     parser.add_argument("--cores", default="all", help="snakemake --cores")
     args = parser.parse_args()
     if args.smoke:

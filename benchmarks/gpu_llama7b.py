@@ -26,16 +26,17 @@ import argparse
 import time
 
 import torch
+from cli import positive
 from patchmap.engines.flops import fast_flops, floor_flops, job_shape, padded_batches, reference_flops
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=1209)
-    parser.add_argument("--subset", type=int, default=32, help="prompts for the reference comparison")
-    parser.add_argument("--batch-size", type=int, default=256, help="examples per clean run (and reference batch)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="fast engine token budget (default: from free memory)")
-    parser.add_argument("--reference-batch", type=int, default=None, metavar="N",
+    parser.add_argument("--examples", type=positive, default=1209)
+    parser.add_argument("--subset", type=positive, default=32, help="prompts for the reference comparison")
+    parser.add_argument("--batch-size", type=positive, default=256, help="examples per clean run (and reference batch)")
+    parser.add_argument("--max-tokens", type=positive, default=None, help="fast engine token budget (default: from free memory)")
+    parser.add_argument("--reference-batch", type=positive, default=None, metavar="N",
                         help="also time the reference on the subset in batches of N prompts (1: one forward per "
                              "prompt, site and layer, as TransformerLens and ROME run)")
     parser.add_argument("--flops", action="store_true",
