@@ -13,9 +13,9 @@ the model's vocabulary, 50,257 or 32,000 words; `--vocab 0` shrinks it to the to
 (Subj. = resid at the subject, Attn. = attn at the last token, Last. = resid at the last token), every
 layer. Each engine runs in its own process (so peak memory is its own), and the processes take turns: in
 each of `--repeat` rounds every engine runs the job once while the others wait, and each engine's fastest
-run counts, so that a shared machine's changing load falls on all engines alike. The table gives the patch-stage time, patched runs per second, the
-speed-up over the reference, the peak resident memory of the process and its growth during patching, and
-checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
+run counts, so that a shared machine's changing load falls on all engines alike. The table gives the
+patch-stage time, patched runs per second, the speed-up over the reference, the peak resident memory of
+the process and its growth during patching, and checks that the numbers agree. Above it, per model: the FLOPs of the reference, of the fast engine's
 schedule and of the exact-work floor (patchmap/engines/flops.py), and where the fast engine's time goes.
 If nnsight is importable, the same job is timed with it too (one traced forward per site and layer).
 
@@ -24,8 +24,8 @@ position (a head site, 12 layers x 12 heads) on the Llama-shaped model's 32 swap
 and by the reference engine (batches of all prompts), and by the batch-1 hook loop on the first
 `--loop-examples` prompts: one hooked forward per prompt, layer and head, the way TransformerLens'
 get_act_patch_attn_head_out_by_pos patches (its cost per run does not depend on how many prompts there
-are). The table gives patched runs per second and the fast engine's ratio to each, and checks that the
-three agree.
+are). The three take turns as above. The table gives patched runs per second and the fast engine's ratio to
+each, and checks that the three agree.
 
 `--padding P,P,...` times the fast engine alone on the job with each value of schedule.PADDING (the share
 of padded positions up to which runs of different widths share block calls), the values alternating in
@@ -139,13 +139,7 @@ def worker(directory, engine, examples, out):
     few = slice(0, min(4, examples))
     run(pairs.isel(example=few), acts.isel(example=few))  # warm-up: first calls of kernels, lazy weights
     before = _rss_mb()
-    print(PROTOCOL + "ready", flush=True)
-    times = []
-    for _ in sys.stdin:
-        start = time.perf_counter()
-        results, extra = run(pairs, acts)
-        times.append(time.perf_counter() - start)
-        print(PROTOCOL + json.dumps(times[-1]), flush=True)
+    times, (results, extra) = take_turns(lambda: run(pairs, acts))
     seconds = min(times)
     phases = fast_phases(model, pairs, acts, sites, layers, examples, tokenizer.pad_token_id) if engine == "fast" else {}
     np.savez(out, **{f"{s}:{k}": results[s][k].values for s in results for k in ("js", "kl_patched_target",
@@ -161,12 +155,25 @@ def worker(directory, engine, examples, out):
     fast_tflop = fast_flops(model, extra, float((lengths.astype(float) ** 2).sum())) / 1e12 if extra else None
     fast_work = extra.get("block_tokens", 0) + extra.get("clean_tokens", 0) * len(layers)
     mlp_work = extra.get("mlp_tokens", 0) + extra.get("clean_mlp_tokens", 0)
-    print(PROTOCOL + json.dumps({"engine": engine, "seconds": seconds, "times": times, "runs": runs, "peak_mb": _rss_mb(),
-                      "before_mb": before, "threads": torch.get_num_threads(), "stats": extra,
-                      "prompt_tokens": float(pairs["length"].mean()),
-                      "reference_work": reference_work, "fast_work": fast_work,
-                      "mlp_work": mlp_work, "phases": phases, "reference_tflop": reference_tflop,
-                      "fast_tflop": fast_tflop, "floor_tflop": floor_tflop}))
+    print(PROTOCOL + json.dumps({"engine": engine, "seconds": seconds, "times": times, "runs": runs,
+                                 "peak_mb": _rss_mb(), "before_mb": before, "threads": torch.get_num_threads(),
+                                 "stats": extra, "prompt_tokens": float(pairs["length"].mean()),
+                                 "reference_work": reference_work, "fast_work": fast_work, "mlp_work": mlp_work,
+                                 "phases": phases, "reference_tflop": reference_tflop, "fast_tflop": fast_tflop,
+                                 "floor_tflop": floor_tflop}))
+
+
+def take_turns(run):
+    """A worker's side of interleaved(): says it is ready, then calls run() once for every line on its
+    standard input, answering each with the seconds it took. Returns (the times, run()'s last result)."""
+    print(PROTOCOL + "ready", flush=True)
+    times, result = [], None
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+        print(PROTOCOL + json.dumps(times[-1]), flush=True)
+    return times, result
 
 
 def interleaved(commands: dict, repeat: int, cwd) -> dict:
@@ -177,13 +184,17 @@ def interleaved(commands: dict, repeat: int, cwd) -> dict:
     def answer(engine):
         for line in processes[engine].stdout:
             if line.startswith(PROTOCOL):
-                return json.loads(line[len(PROTOCOL):]) if line[len(PROTOCOL):].strip() != "ready" else "ready"
+                text = line[len(PROTOCOL):].strip()
+                return text if text == "ready" else json.loads(text)
         return None  # the worker ended without answering
 
     with tempfile.TemporaryDirectory() as logs:
-        processes = {engine: subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                              stderr=open(os.path.join(logs, f"{engine}.log"), "w"), cwd=cwd)
-                     for engine, command in commands.items()}
+        log_of = {engine: os.path.join(logs, f"{engine}.log") for engine in commands}
+        processes = {}
+        for engine, command in commands.items():
+            with open(log_of[engine], "w") as log:  # the child keeps its own copy of the file
+                processes[engine] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     stderr=log, text=True, cwd=cwd)
         alive = [engine for engine in commands if answer(engine) == "ready"]
         for _ in range(repeat):
             for engine in list(alive):
@@ -199,7 +210,7 @@ def interleaved(commands: dict, repeat: int, cwd) -> dict:
             process.wait()
             if finished.get(engine) is None:
                 finished.pop(engine, None)
-                print(f"  {engine}: failed\n{open(os.path.join(logs, f'{engine}.log')).read()[-2000:]}")
+                print(f"  {engine}: failed\n{Path(log_of[engine]).read_text()[-2000:]}")
     return finished
 
 
@@ -352,9 +363,10 @@ def padding_worker(directory, examples, values, rounds):
               f"({rounds} runs)", flush=True)
 
 
-def head_worker(directory, engine, examples, out, repeat, loop_examples):
-    """One way of running the head sweep: `fast` or `reference` on every prompt, `loop` (hook_loop) on the
-    first `loop_examples`; writes js [prompt, layer, head] (npy) and a JSON line with the time."""
+def head_worker(directory, engine, examples, out, loop_examples):
+    """One way of running the head sweep, in turns that interleaved() gives: `fast` or `reference` on every
+    prompt, `loop` (hook_loop) on the first `loop_examples`; writes js [prompt, layer, head] (npy) and a
+    line with its fastest time."""
     import torch
 
     from patchmap import models
@@ -372,35 +384,27 @@ def head_worker(directory, engine, examples, out, repeat, loop_examples):
         return run_patch_job(job, engine=FastEngine(model) if engine == "fast" else "reference")["heads"]["js"].values
 
     run(pairs.isel(example=[0]), acts.isel(example=[0]))  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        js = run(pairs, acts)
-        times.append(time.perf_counter() - start)
+    times, js = take_turns(lambda: run(pairs, acts))
     np.save(out, js)
-    print(json.dumps({"engine": engine, "seconds": min(times), "prompts": int(pairs.sizes["example"]),
-                      "runs": int(js.size), "heads": models.head_shape(model)[0], "layers": len(layers),
-                      "threads": torch.get_num_threads()}))
+    print(PROTOCOL + json.dumps({"engine": engine, "seconds": min(times), "prompts": int(pairs.sizes["example"]),
+                                 "runs": int(js.size), "heads": models.head_shape(model)[0], "layers": len(layers),
+                                 "threads": torch.get_num_threads()}))
 
 
 def head_sweep(args, root):
     """The head sweep on the Llama-shaped model: the fast engine, the reference and the batch-1 hook loop."""
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = os.path.join(tmp, "llama")
         vocabulary = build("llama", directory, args.vocab)
         print(f"llama: {SHAPES['llama']}, vocabulary {vocabulary:,}; every head of every layer at the last "
               f"position", flush=True)
-        for engine in ("fast", "reference", "loop"):
-            out = os.path.join(tmp, f"{engine}.npy")
-            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--head-worker",
-                                   directory, engine, str(args.examples), out, str(args.repeat),
-                                   str(args.loop_examples)], capture_output=True, text=True, cwd=root)
-            if proc.returncode != 0:
-                print(f"  {engine}: failed\n{proc.stderr[-2000:]}")
-                continue
-            rows[engine] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "js": np.load(out)}
-            print(f"  {engine}: {rows[engine]['seconds']:.1f} s for {rows[engine]['runs']} runs", flush=True)
+        out = {engine: os.path.join(tmp, f"{engine}.npy") for engine in ("fast", "reference", "loop")}
+        rows = interleaved({engine: [sys.executable, __file__, "--threads", str(args.threads), "--head-worker",
+                                     directory, engine, str(args.examples), path, str(args.loop_examples)]
+                            for engine, path in out.items()}, args.repeat, root)
+        for engine, m in rows.items():
+            m["js"] = np.load(out[engine])
+            print(f"  {engine}: {m['seconds']:.1f} s for {m['runs']} runs", flush=True)
     fast = rows.get("fast")
     print(f"\nhead sweep: {args.examples} prompts x {fast['layers'] if fast else '?'} layers x "
           f"{fast['heads'] if fast else '?'} heads at the last position; torch threads: "
@@ -427,7 +431,7 @@ def main():
     parser.add_argument("--threads", type=non_negative, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=positive, default=None,
                         help="rounds of timed runs, each engine once per round in turn; the fastest counts "
-                             "(default 3; the head sweep: 2 runs per engine)")
+                             "(default 3; the head sweep: 2)")
     parser.add_argument("--reference-batch", type=positive, default=None, metavar="N",
                         help="also time the reference engine in batches of N prompts (1: one forward per prompt, "
                              "site and layer, as TransformerLens' generic_activation_patch and ROME's causal "
@@ -443,7 +447,7 @@ def main():
                         help="instead: time the fast engine with each of these values of schedule.PADDING (the "
                              "share of padded positions up to which runs of different widths share block calls), "
                              "alternating in one process, --repeat x 2 runs each")
-    parser.add_argument("--head-worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--head-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--padding-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.repeat = args.repeat or (2 if args.heads else 3)
@@ -455,8 +459,8 @@ def main():
         padding_worker(directory, int(examples), [float(v) for v in values.split(",")], int(rounds))
         return
     if args.head_worker:
-        directory, engine, examples, out, repeat, loop_examples = args.head_worker
-        head_worker(directory, engine, int(examples), out, int(repeat), int(loop_examples))
+        directory, engine, examples, out, loop_examples = args.head_worker
+        head_worker(directory, engine, int(examples), out, int(loop_examples))
         return
     root = Path(__file__).resolve().parent.parent
     if args.heads:

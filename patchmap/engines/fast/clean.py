@@ -10,7 +10,7 @@ from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ..hooks import add_hook, check_finite, hooks, output_tensor, pad_batch, skip_mlp_rows
+from ..hooks import check_finite, hooks, noise_hooks, output_tensor, pad_batch, skip_mlp_rows
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -57,7 +57,8 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     # 1. the padded batch (a test may make a forward of this many tokens run out of memory)
     ids, mask, positions, lengths = pad_batch(sequences, pad_id, engine.device)
     engine.inject(ids.numel())
-    # 2. hooks that record each block's input and arguments (on the block's device), and the last output
+    # 2. hooks that record each block's input and arguments (on the block's device) and the last output,
+    # add the noise, and skip the MLP where nothing reads it
     arguments, inputs, last = [None] * engine.n_layers, [None] * engine.n_layers, {}
 
     def record_input(layer):
@@ -73,24 +74,18 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     def record_output(module, args, output):
         last["output"] = output_tensor(output)
 
-    handles = [b.register_forward_pre_hook(record_input(i), with_kwargs=True) for i, b in enumerate(engine.blocks)]
-    handles.append(engine.blocks[-1].register_forward_hook(record_output))
-    if noise is not None:
-        handles.append(engine.model.get_input_embeddings().register_forward_hook(add_hook(noise.to(engine.device))))
+    recorders = [(b, record_input(i), "pre") for i, b in enumerate(engine.blocks)]
+    recorders += [(engine.blocks[-1], record_output)] + noise_hooks(engine.model, noise)
+    mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
     # 3. the model's own forward, with logits only at the last position of the padded batch (the engine's
     # head gives every prompt's, step 4); not on a spread model, where accelerate moves a tensor
     # logits_to_keep to the first device, and the last hidden states may be on another
     cache = _RecordingCache(engine.config)
     keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
-    try:
-        mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
-        with hooks(mlp_hooks):
-            logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                  **recording, **keep).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(recorders + mlp_hooks):
+        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **recording, **keep).logits
     engine.stats["clean_tokens"] += ids.numel()
     engine.stats["clean_mlp_tokens"] += mlp_rows
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
@@ -98,6 +93,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     # against the model's own where it computed them (the prompts as long as the batch, with logits_to_keep)
     rows = torch.arange(len(lengths), device=engine.device)
     output = last["output"]
+    # (a copy: the head writes into a buffer it reuses)
     last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
     check_finite(last_logits, " in the unpatched target run")
     checked = rows[lengths == ids.shape[1]] if keep else rows

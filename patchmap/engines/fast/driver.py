@@ -4,6 +4,7 @@ over every run of the batch for the logits and metrics. With noise samples (patc
 batch's rows are the copies of its examples, and the metrics are those of the copies' mean distribution."""
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,8 +212,8 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
     hidden = hidden[by_example.to(hidden.device)]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    most = samples * max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)  # whole runs (all their copies)
-    step = samples * -(-len(rows) // samples // -(-len(rows) // most))  # as many chunks, of equal sizes
+    n_runs, most = len(rows) // samples, max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)
+    step = samples * math.ceil(n_runs / math.ceil(n_runs / most))  # as few chunks as fit, of equal sizes
     for c in range(0, len(rows), step):
         part = slice(c, c + step)
         logits = engine.head(hidden[part])  # [step, V] float32

@@ -12,8 +12,9 @@ from ...job import window_layers
 def run_group(engine, clean, group, layer_ids: list, layers: list, edit, keys_values_of, window: int = 1):
     """Last-position hidden states [len(layer_ids) * len(group.examples), H] of the runs (example, layer)
     of `group` (a schedule.Group: examples sharing a suffix width, the narrower ones padded to it), rows
-    layer-major in the returned order of layer ids. The run for layer l edits (`edit`: a WriteRuns or BlockRuns) every layer of
-    window_layers(l, window); `keys_values_of(block)` gives the prefix keys and values of a block."""
+    layer-major in the returned order of layer ids. The run for layer l edits (`edit`: a WriteRuns or
+    BlockRuns) every layer of window_layers(l, window); `keys_values_of(block)` gives the prefix keys and
+    values of a block."""
     # 1. where each run joins (edit.join_block: its window's first block, or the one after it)
     n, width = len(group.examples), group.width
     windows = {li: window_layers(layers[li], window, engine.n_layers) for li in layer_ids}
