@@ -132,6 +132,17 @@ def test_runs_padded_to_a_common_width_equal_the_reference(load_family, pairs_fo
     assert engine.stats["padded_runs"] > 0 or keys_values == "recorded"  # knockout runs compute one position
 
 
+def test_a_block_call_computes_the_mlp_at_real_positions_only():
+    """Rows narrower than their call are padded at the end; the MLP runs at the real positions (the
+    flattened [rows x width] tokens real_rows() names), also once rows are repeated and cut, as runs join."""
+    from patchmap.engines.fast.schedule import RowIndex
+    index = RowIndex(torch.tensor([0, 1, 2]), torch.tensor([4, 2, 6]), 3, 6, real=torch.tensor([2, 3, 1]))
+    assert index.real_rows().tolist() == [0, 1, 3, 4, 5, 6]
+    assert index.repeat(2).first(5).real_rows().tolist() == [0, 1, 3, 4, 5, 6, 9, 10, 12, 13, 14]
+    assert RowIndex(torch.tensor([0, 1]), torch.tensor([1, 2]), 3, 2, real=torch.tensor([3, 3])).real_rows() is None
+    assert RowIndex(torch.tensor([0, 1]), torch.tensor([1, 2]), 3, 2).real_rows() is None
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):

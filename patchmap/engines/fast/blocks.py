@@ -177,8 +177,9 @@ class FastEngine:
         """Block `layer` applied to hidden [R, W, H], the runs of `index`; `keys_values` = (keys, values)
         [B, kv heads, T, head dim] holds each example's keys and values before its suffix. `write` =
         (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
-        `mlp` = "last" computes the MLP only at each row's last suffix position (all other positions of the
-        last block feed nothing), "none" not at all; `blocked` [R, P + W] marks keys each row's last query may
+        `mlp` = "all" computes the MLP at every real position (not at the padding of narrower rows), "last"
+        only at each row's last suffix position (all other positions of the last block feed nothing), "none"
+        not at all; `blocked` [R, P + W] marks keys each row's last query may
         not attend to. Returns the output [R, W, H], and with `record` also the keys and values computed."""
         device = self.block_devices[layer]
         index = index.to(device)
@@ -191,11 +192,15 @@ class FastEngine:
             self.stats["attention_scores"] += rows * width * (index.prefix + width)
             self.stats["block_calls"] += 1
         registered = []
-        if mlp == "all":
+        if mlp == "all":  # at the real positions: a padded one's output feeds nothing
+            keep = index.real_rows()
+        elif mlp == "last":
+            keep = torch.arange(0, rows * width, width, device=device) + index.last
+        else:
+            keep = torch.zeros(0, dtype=torch.long, device=device)
+        if keep is None:
             self.stats["mlp_tokens"] += rows * width
         else:
-            keep = torch.arange(0, rows * width, width, device=device) + index.last if mlp == "last" \
-                else torch.zeros(0, dtype=torch.long, device=device)
             self.stats["mlp_tokens"] += len(keep)
             registered = skip_mlp_rows(self.mlp_modules[layer], keep)
         if write is not None:

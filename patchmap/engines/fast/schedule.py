@@ -13,15 +13,18 @@ PADDING = 0.25  # the share of padded positions up to which runs of different wi
 
 class RowIndex:
     """Rows of a block call: row r is a run on clean example examples[r] at positions
-    [starts[r], starts[r] + widths[r]), padded at the end to `width` (widths None: every row is `width`
-    wide); its prefix (positions before starts[r]) is read from a cache padded to `prefix` positions (at
+    [starts[r], starts[r] + widths[r]), padded at the end to `width` (`real`, the widths on the CPU, None:
+    every row is `width` wide); its prefix (positions before starts[r]) is read from a cache padded to `prefix` positions (at
     least the longest start, given by the caller so that no device sync is needed), and masked beyond
     starts[r]. A padded position computes garbage that no real one reads: its key is masked, and it stands
     at its row's last real position wherever a position is looked up."""
 
-    def __init__(self, examples, starts, width, prefix, widths=None):
+    def __init__(self, examples, starts, width, prefix, real=None, widths=None):
         self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
-        self.widths = torch.full_like(starts, width) if widths is None else widths     # [R]
+        self.real = real  # [R] on the CPU: what the host decides from them needs no device sync
+        if widths is None:  # [R] on the rows' device, unless the caller has them there
+            widths = torch.full_like(starts, width) if real is None else real.to(starts.device)
+        self.widths = widths                                                               # [R]
         offsets = torch.arange(width, device=starts.device)[None, :]
         self.positions = starts[:, None] + torch.minimum(offsets, self.widths[:, None] - 1)  # [R, W]
 
@@ -29,19 +32,30 @@ class RowIndex:
         """This index with its tensors on `device` (the device of a block it is used in)."""
         if self.examples.device == device:
             return self
-        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix,
+        return RowIndex(self.examples.to(device), self.starts.to(device), self.width, self.prefix, self.real,
                         self.widths.to(device))
 
     def first(self, rows):
         """The index of the first `rows` rows (runs join the batch at the end)."""
         if rows == len(self.examples):
             return self
-        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix, self.widths[:rows])
+        return RowIndex(self.examples[:rows], self.starts[:rows], self.width, self.prefix,
+                        None if self.real is None else self.real[:rows], self.widths[:rows])
 
     def repeat(self, times):
         """This index's rows `times` over, one after another."""
         return RowIndex(self.examples.repeat(times), self.starts.repeat(times), self.width, self.prefix,
-                        self.widths.repeat(times))
+                        None if self.real is None else self.real.repeat(times), self.widths.repeat(times))
+
+    def real_rows(self):
+        """[N] the call's real positions as rows of its flattened [R x W] tokens, in order; None where every
+        position is real."""
+        if self.real is None or bool((self.real == self.width).all()):
+            return None
+        ends = self.widths.cumsum(0)                                              # [R]
+        token = torch.arange(int(self.real.sum()), device=ends.device)             # [N]
+        row = torch.searchsorted(ends, token, right=True)
+        return row * self.width + token - (ends - self.widths)[row]
 
     @property
     def last(self):
@@ -155,8 +169,9 @@ def group(members: list, positions: list, width: int, span: bool, device, writes
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
                     column.append(value)
-    examples, starts, real, heads = (None if column[0] is None else torch.as_tensor(column, device=device)
-                                     for column in zip(*members))
+    examples, starts, _, heads = (None if column[0] is None else torch.as_tensor(column, device=device)
+                                  for column in zip(*members))
+    real = torch.as_tensor([m[2] for m in members])
     return Group(RowIndex(examples, starts, width, max(m[1] for m in members), real),
                  tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
                  writes_sources, heads)
@@ -166,7 +181,7 @@ def members_of(runs: Group) -> list:
     """A group's members, as group() takes them: (example, first computed position, positions computed,
     head or None)."""
     heads = runs.heads.tolist() if runs.heads is not None else [None] * len(runs.examples)
-    return list(zip(runs.examples.tolist(), runs.starts.tolist(), runs.index.widths.tolist(), heads))
+    return list(zip(runs.examples.tolist(), runs.starts.tolist(), runs.index.real.tolist(), heads))
 
 
 def split(chunk: tuple, positions: list, device):
