@@ -18,6 +18,7 @@ import torch
 from .quantities import TOP_K
 
 ROWS = 16  # runs per piece: its [ROWS, vocabulary] temporaries stay in cache
+BLOCK = 64  # columns per block of top_k's first pass
 SHARED = 4  # runs per target, on average, from which pieces hold one target's runs
 TINY = torch.finfo(torch.float32).tiny  # log(max(m, TINY)) is finite where m is 0, and m * it is 0
 
@@ -62,7 +63,7 @@ class Targets:
 
     def top(self, k: int = TOP_K) -> tuple:
         """(token ids [B, k], probabilities [B, k]) of each target's k most probable next tokens."""
-        values, tokens = self.logprobs.topk(min(k, self.logprobs.shape[-1]), dim=-1)
+        values, tokens = top_k(self.logprobs, k)
         return tokens, values.exp()
 
     @classmethod
@@ -130,7 +131,7 @@ def pieces(rows: torch.Tensor) -> list:
 
 def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, logits=False, target=None):
     patched = patched.float()
-    highest, top = patched.topk(min(TOP_K, patched.shape[-1]), dim=-1)  # one pass; [:, :1]: log-softmax's shift
+    highest, top = top_k(patched, TOP_K)  # [:, :1]: log-softmax's shift
     p = None
     if logits and len(patched):
         patched, p = _log_softmax_(patched, highest[:, :1], targets.workspace(len(patched))[0])
@@ -146,6 +147,26 @@ def _piece_metrics(patched, targets, rows, target_answer, source_answer, base, l
         "top_token": top,
         "top_prob": p.gather(1, top),
     }
+
+
+def top_k(values: torch.Tensor, k: int) -> tuple:
+    """(values, indices) [R, k] of the k largest of each row of `values` [R, V], largest first, as topk
+    gives them (among equal values either may come first). Two passes: the maxima of blocks of BLOCK
+    columns, then topk over the k blocks with the largest (every one of the k largest lies in them or in
+    the columns after the last whole block) instead of over every column, which costs as much as several
+    elementwise passes."""
+    rows, vocab = values.shape
+    k = min(k, vocab)
+    blocks = vocab // BLOCK
+    if blocks <= 4 * k:
+        return values.topk(k, dim=-1)
+    whole = values[:, :blocks * BLOCK].view(rows, blocks, BLOCK)
+    best = whole.amax(-1).topk(k, dim=-1).indices                                  # [R, k] blocks
+    columns = (best[:, :, None] * BLOCK + torch.arange(BLOCK, device=values.device)).view(rows, k * BLOCK)
+    rest = torch.arange(blocks * BLOCK, vocab, device=values.device).expand(rows, -1)
+    columns = torch.cat([columns, rest], dim=1)                                     # [R, k x BLOCK + rest]
+    top, where = values.gather(1, columns).topk(k, dim=-1)
+    return top, columns.gather(1, where)
 
 
 def _log_softmax_(logits, highest, probs):

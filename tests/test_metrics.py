@@ -4,7 +4,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
-from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics, pieces
+from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics, pieces, top_k
 
 
 def random_logprobs(n, vocab, seed, sharpness=1.0):
@@ -107,3 +107,19 @@ def test_runs_of_one_target_side_by_side_compare_as_runs_in_any_order():
     assert all(target is None for _, target in pieces(rows[mixed]))
     for k, v in side_by_side.items():
         assert torch.equal(v[mixed], shuffled[k]), k
+
+
+@pytest.mark.parametrize("vocab", [115, 1000, 32000, 50257])
+def test_top_k_gives_the_k_largest_of_every_row_as_topk(vocab):
+    """metrics.top_k (a first pass over blocks of columns) finds the values topk finds, at their indices,
+    also where the largest lie after the last whole block, and where values are equal."""
+    generator = torch.Generator().manual_seed(vocab)
+    values = torch.randn(9, vocab, generator=generator)
+    values[1, -3:] += 10.0  # the largest after the last whole block
+    values[2, 64:80] = 7.0  # more equal largest values than k
+    values = torch.cat([values, torch.zeros(1, vocab)])
+    top, where = top_k(values, 5)
+    expected, _ = values.topk(5, dim=-1)
+    assert torch.equal(top, expected)
+    assert torch.equal(values.gather(1, where), top)
+    assert all(len(set(row)) == 5 for row in where.tolist())  # no column twice
