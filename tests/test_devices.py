@@ -107,7 +107,9 @@ def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, in
         got = _js(spread, tokenizer, pairs, engine)
         for name, js in expected.items():
             assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, name)
-    assert as_if_spread.stats["clean_logit_rows"] == as_if_spread.stats["clean_tokens"] > 0
+    # logits at every position of the first clean run (where the engine's head is checked), none after
+    first = 4 * int(pairs["length"].values[:4].max())
+    assert as_if_spread.stats["clean_logit_rows"] == first < as_if_spread.stats["clean_tokens"]
     assert max(js.max() for js in expected.values()) > 0.1  # the comparison is not between zeros
 
 

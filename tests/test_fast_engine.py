@@ -312,6 +312,21 @@ def test_a_head_that_does_not_reproduce_the_models_logits_is_refused(load_family
         patch_job(model, tokenizer, pairs, acts, ALL_SITES[:1], batch_size=6, engine=engine)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_only_the_first_clean_run_asks_the_model_for_logits(load_family, pairs_for, family):
+    """The engine's head is checked against the model's own logits in its first clean run; the later
+    batches' forwards compute none (their output embedding gets no rows), and the numbers do not change."""
+    model, tokenizer = load_family(family)
+    pairs = pairs_for(model, tokenizer, examples=6, seed=1)
+    acts = extract(model, tokenizer, pairs, ALL_SITES[:2], batch_size=2)
+    engine = FastEngine(model)
+    batched = patch_job(model, tokenizer, pairs, acts, ALL_SITES[:2], batch_size=2, engine=engine)
+    first = 2 * (1 if engine.keeps_logits else int(pairs["length"].values[:2].max()))
+    assert engine.head_checked and engine.stats["clean_logit_rows"] == first
+    whole = patch_job(model, tokenizer, pairs, acts, ALL_SITES[:2], batch_size=6, engine="reference")
+    assert_datasets_close(whole, batched)
+
+
 def test_unknown_architecture_is_named_by_the_fast_engine():
     from transformers import BertConfig, BertLMHeadModel
     model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -93,6 +93,7 @@ class FastEngine:
         self.spans = spans
         self.stats = Counter()
         self.warned = set()  # warnings given once per engine
+        self.head_checked = False  # whether its head gave the model's own logits (clean.check_head)
         self.positional_names = [positional_names(b) for b in self.blocks]
         forward = inspect.signature(model.forward).parameters
         self.keeps_logits = "logits_to_keep" in forward

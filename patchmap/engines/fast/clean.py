@@ -79,11 +79,14 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
     # 3. the model's own forward, with logits only at the last position of the padded batch (the engine's
     # head gives every prompt's, step 4); not on a spread model, where accelerate moves a tensor
-    # logits_to_keep to the first device, and the last hidden states may be on another
+    # logits_to_keep to the first device, and the last hidden states may be on another. Once the engine's
+    # head was found to give the model's logits (its first clean run), none: the output embedding gets no rows
     cache = _RecordingCache(engine.config)
     keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
-    with hooks(recorders + mlp_hooks):
+    checked = engine.head_checked
+    no_logits = [(engine.model.get_output_embeddings(), no_rows, "pre")] if checked else []
+    with hooks(recorders + mlp_hooks + no_logits):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **recording, **keep).logits
     engine.stats["clean_tokens"] += ids.numel()
@@ -96,12 +99,23 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     # (a copy: the head writes into a buffer it reuses)
     last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
     check_finite(last_logits, " in the unpatched target run")
-    checked = rows[lengths == ids.shape[1]] if keep else rows
-    columns = (logits.shape[1] - 1) if keep else (lengths - 1)[checked]
-    model_logits = logits[checked.to(logits.device), columns].float().to(engine.output_device)
-    check_head(engine, last_logits[checked.to(engine.output_device)], model_logits)
+    if not checked:
+        compared = rows[lengths == ids.shape[1]] if keep else rows
+        columns = (logits.shape[1] - 1) if keep else (lengths - 1)[compared]
+        model_logits = logits[compared.to(logits.device), columns].float().to(engine.output_device)
+        check_head(engine, last_logits[compared.to(engine.output_device)], model_logits)
+        engine.head_checked = True
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_logits)
+
+
+def no_rows(module, args, kwargs):
+    """A pre-hook that gives a module its input's first zero positions: an output embedding then computes
+    no logits."""
+    if args:
+        return (args[0][..., :0, :], *args[1:]), kwargs
+    name = next(iter(kwargs))
+    return args, {**kwargs, name: kwargs[name][..., :0, :]}
 
 
 def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
