@@ -99,17 +99,13 @@ def test_blocks_offloaded_by_accelerate_give_the_plain_models_numbers(family, in
         assert {p.device.type for p in blocks[layer].parameters()} == {"meta"}, "block weights not offloaded"
     pairs = pairs_for(plain, tokenizer, examples=8, seed=1, intervention=intervention)
     expected = _js(plain, tokenizer, pairs, "reference")
-    # the fast engine as on blocks spread over several GPUs (all logits of the clean run, not only those
-    # at the prompts' last positions), too
-    as_if_spread = FastEngine(spread)
-    as_if_spread.spread = True
-    for engine in ("reference", "fast", as_if_spread):
+    fast = FastEngine(spread)
+    for engine in ("reference", "fast", fast):
         got = _js(spread, tokenizer, pairs, engine)
         for name, js in expected.items():
             assert np.abs(got[name] - js).max() <= TOLERANCE, (engine, name)
-    # logits at every position of the first clean run (where the engine's head is checked), none after
-    first = 4 * int(pairs["length"].values[:4].max())
-    assert as_if_spread.stats["clean_logit_rows"] == first < as_if_spread.stats["clean_tokens"]
+    # the model's own logits once, at one position of the first clean run (the engine's head checked there)
+    assert fast.stats["clean_logit_rows"] == 1
     assert max(js.max() for js in expected.values()) > 0.1  # the comparison is not between zeros
 
 

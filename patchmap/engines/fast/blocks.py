@@ -84,7 +84,6 @@ class FastEngine:
         self.block_devices = [models.module_device(b) for b in self.blocks]
         self.final_norm_devices = [models.module_device(m) for m in self.final_norms]
         self.output_device = models.output_device(model)
-        self.spread = len({self.device, self.output_device, *self.block_devices, *self.final_norm_devices}) > 1
         self.output_head = OutputHead(model, self.final_norms, self.final_norm_devices, self.output_device,
                                       getattr(self.config, "final_logit_softcapping", None))
         self.dtype = next(model.parameters()).dtype
@@ -96,7 +95,6 @@ class FastEngine:
         self.head_checked = False  # whether its head gave the model's own logits (clean.check_head)
         self.positional_names = [positional_names(b) for b in self.blocks]
         forward = inspect.signature(model.forward).parameters
-        self.keeps_logits = "logits_to_keep" in forward
         # the model's cache argument: `cache` in newer transformers (5.24), `past_key_values` in older ones (5.4
         # to 5.17); a name the model does not take is swallowed by its **kwargs, and nothing is recorded
         self.cache_keyword = next((name for name in CACHE_ARGUMENTS if name in forward), None)

@@ -77,45 +77,45 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recorders = [(b, record_input(i), "pre") for i, b in enumerate(engine.blocks)]
     recorders += [(engine.blocks[-1], record_output)] + noise_hooks(engine.model, noise)
     mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
-    # 3. the model's own forward, with logits only at the last position of the padded batch (the engine's
-    # head gives every prompt's, step 4); not on a spread model, where accelerate moves a tensor
-    # logits_to_keep to the first device, and the last hidden states may be on another. Once the engine's
-    # head was found to give the model's logits (its first clean run), none: the output embedding gets no rows
+    # 3. the model's own forward; its output embedding sees one position (the engine's head gives every
+    # prompt's logits, step 4): in the engine's first clean run the last of the first prompt as long as the
+    # batch, to check the engine's head against, and none after
     cache = _RecordingCache(engine.config)
-    keep = {"logits_to_keep": 1} if engine.keeps_logits and not engine.spread else {}
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
-    checked = engine.head_checked
-    no_logits = [(engine.model.get_output_embeddings(), no_rows, "pre")] if checked else []
-    with hooks(recorders + mlp_hooks + no_logits):
+    checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
+    logit_positions = [(engine.model.get_output_embeddings(), last_position_of(checked_row), "pre")]
+    with hooks(recorders + mlp_hooks + logit_positions):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **recording, **keep).logits
+                              **recording).logits
     engine.stats["clean_tokens"] += ids.numel()
     engine.stats["clean_mlp_tokens"] += mlp_rows
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
-    # 4. each prompt's last-position logits from the engine's head, as the patched runs' come, checked
-    # against the model's own where it computed them (the prompts as long as the batch, with logits_to_keep)
+    # 4. each prompt's last-position logits from the engine's head, as the patched runs' come
     rows = torch.arange(len(lengths), device=engine.device)
     output = last["output"]
     # (a copy: the head writes into a buffer it reuses)
     last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
     check_finite(last_logits, " in the unpatched target run")
-    if not checked:
-        compared = rows[lengths == ids.shape[1]] if keep else rows
-        columns = (logits.shape[1] - 1) if keep else (lengths - 1)[compared]
-        model_logits = logits[compared.to(logits.device), columns].float().to(engine.output_device)
-        check_head(engine, last_logits[compared.to(engine.output_device)], model_logits)
+    if checked_row is not None:
+        check_head(engine, last_logits[checked_row:checked_row + 1], logits[0, -1:].float().to(engine.output_device))
         engine.head_checked = True
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_logits)
 
 
-def no_rows(module, args, kwargs):
-    """A pre-hook that gives a module its input's first zero positions: an output embedding then computes
-    no logits."""
-    if args:
-        return (args[0][..., :0, :], *args[1:]), kwargs
-    name = next(iter(kwargs))
-    return args, {**kwargs, name: kwargs[name][..., :0, :]}
+def last_position_of(row):
+    """A pre-hook that gives a module ([B, T, H] -> [1, 1, H]) the last position of batch row `row` only, or
+    (row None) no position: an output embedding then computes that one row of logits, or none."""
+    def hook(module, args, kwargs):
+        if args:
+            return (_narrowed(args[0], row), *args[1:]), kwargs
+        name = next(iter(kwargs))
+        return args, {**kwargs, name: _narrowed(kwargs[name], row)}
+    return hook
+
+
+def _narrowed(hidden, row):
+    return hidden[:, :0] if row is None else hidden[row:row + 1, -1:]
 
 
 def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
