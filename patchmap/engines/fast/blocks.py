@@ -178,8 +178,8 @@ class FastEngine:
         (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
         `mlp` = "all" computes the MLP at every real position (not at the padding of narrower rows), "last"
         only at each row's last suffix position (all other positions of the last block feed nothing), "none"
-        not at all; `blocked` [R, P + W] marks keys each row's last query may
-        not attend to. Returns the output [R, W, H], and with `record` also the keys and values computed."""
+        not at all; `blocked` [R, P + W] marks keys each row's last query may not attend to. Returns the
+        output [R, W, H], and with `record` also the keys and values computed."""
         device = self.block_devices[layer]
         index = index.to(device)
         kwargs = self._block_arguments(clean, layer, index, keys_values, blocked)

@@ -97,7 +97,8 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
     check_finite(last_logits, " in the unpatched target run")
     if checked_row is not None:
-        check_head(engine, last_logits[checked_row:checked_row + 1], logits[0, -1:].float().to(engine.output_device))
+        model_logits = logits[0, -1:].float().to(engine.output_device)  # [1, V]
+        check_head(engine, last_logits[checked_row:checked_row + 1], model_logits)
         engine.head_checked = True
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_logits)
