@@ -28,9 +28,9 @@ gets its own mask (gathered from the clean run's), positions and prefix cache (p
 prefix, the padding masked). Runs of close widths share calls, padded at the end to the widest while that
 adds at most a quarter of their positions (schedule.PADDING: padded positions are masked as keys and
 never read, and their MLPs do not run; fewer, larger calls). Each site's runs have calls of their own, so
-that a site's numbers do not depend on the other sites of its job. Runs are chunked to a budget of (runs x suffix positions)
-per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it, with a warning in the
-log; the numbers stay the same up to float32 rounding of the smaller shapes.
+that a site's numbers do not depend on the other sites of its job. Runs are chunked to a budget of (runs x
+suffix positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it,
+with a warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes.
 The reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 

@@ -16,8 +16,8 @@ class RowIndex:
     [starts[r], starts[r] + widths[r]), padded at the end to `width` (`real`, the widths on the CPU, None:
     every row is `width` wide); its prefix (positions before starts[r]) is read from a cache padded to
     `prefix` positions (at least the longest start, given by the caller so that no device sync is needed),
-    and masked beyond starts[r]. A padded position computes garbage that no real one reads: its key is masked, and it stands
-    at its row's last real position wherever a position is looked up."""
+    and masked beyond starts[r]. A padded position computes garbage that no real one reads: its key is
+    masked, and it stands at its row's last real position wherever a position is looked up."""
 
     def __init__(self, examples, starts, width, prefix, real=None, widths=None):
         self.examples, self.starts, self.width, self.prefix = examples, starts, width, prefix
