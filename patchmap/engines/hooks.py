@@ -67,19 +67,17 @@ def skip_mlp_rows(modules, keep: torch.Tensor) -> list:
     entry, exit_ = modules
     shape = {}
 
-    def pre_hook(module, args, kwargs):
-        x = args[0] if args else kwargs.pop(next(iter(kwargs)))
+    def kept_rows(x):
         shape["full"] = x.shape
         flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)]
-        x = flat[None] if x.dim() == 3 else flat  # [1, N, H]: rows need not be as many in every sequence
-        return ((x, *args[1:]) if args else (x,)), kwargs
+        return flat[None] if x.dim() == 3 else flat  # [1, N, H]: rows need not be as many in every sequence
 
     def post_hook(module, args, output):
         h = output_tensor(output)
         full = h.new_zeros(*shape["full"][:-1], h.shape[-1])
         full.reshape(-1, h.shape[-1])[keep.to(full.device)] = h.reshape(-1, h.shape[-1])
         return with_tensor(output, full)
-    return [(entry, pre_hook, "pre"), (exit_, post_hook)]
+    return [(entry, input_hook(kept_rows), "pre"), (exit_, post_hook)]
 
 
 def replacing(mask, values, combine=None):
@@ -112,13 +110,18 @@ def edit_hook(model, component: str, layer: int, edit) -> tuple:
     module = component_module(model, component, layer)
     if component not in INPUT_COMPONENTS:
         return module, lambda module, args, output: with_tensor(output, edit(output_tensor(output)))
+    return module, input_hook(edit), "pre"
 
+
+def input_hook(edit):
+    """A forward pre-hook (for `hooks`, with "pre") that replaces a module's first input, positional or
+    keyword, by edit(input)."""
     def pre_hook(module, args, kwargs):
         if args:
             return (edit(args[0]), *args[1:]), kwargs
         name = next(iter(kwargs))
         return args, {**kwargs, name: edit(kwargs[name])}
-    return module, pre_hook, "pre"
+    return pre_hook
 
 
 def add_hook(delta):

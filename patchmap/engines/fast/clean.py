@@ -10,7 +10,7 @@ from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ..hooks import check_finite, hooks, noise_hooks, output_tensor, pad_batch, skip_mlp_rows
+from ..hooks import check_finite, hooks, input_hook, noise_hooks, output_tensor, pad_batch, skip_mlp_rows
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -107,16 +107,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
 def last_position_of(row):
     """A pre-hook that gives a module ([B, T, H] -> [1, 1, H]) the last position of batch row `row` only, or
     (row None) no position: an output embedding then computes that one row of logits, or none."""
-    def hook(module, args, kwargs):
-        if args:
-            return (_narrowed(args[0], row), *args[1:]), kwargs
-        name = next(iter(kwargs))
-        return args, {**kwargs, name: _narrowed(kwargs[name], row)}
-    return hook
-
-
-def _narrowed(hidden, row):
-    return hidden[:, :0] if row is None else hidden[row:row + 1, -1:]
+    return input_hook(lambda hidden: hidden[:, :0] if row is None else hidden[row:row + 1, -1:])
 
 
 def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:

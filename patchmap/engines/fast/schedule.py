@@ -169,10 +169,12 @@ def group(members: list, positions: list, width: int, span: bool, device, writes
             for slot, p in enumerate(positions[e]):
                 for column, value in zip(writes, (r, p - start, slot)):
                     column.append(value)
-    examples, starts, _, heads = (None if column[0] is None else torch.as_tensor(column, device=device)
-                                  for column in zip(*members))
-    real = torch.as_tensor([m[2] for m in members])
-    return Group(RowIndex(examples, starts, width, max(m[1] for m in members), real),
+    examples, starts, real, heads = zip(*members)
+    prefix = max(starts)
+    examples, starts = (torch.as_tensor(column, device=device) for column in (examples, starts))
+    heads = None if heads[0] is None else torch.as_tensor(heads, device=device)
+    real = torch.as_tensor(real)  # on the CPU (RowIndex.real)
+    return Group(RowIndex(examples, starts, width, prefix, real),
                  tuple(torch.as_tensor(w, dtype=torch.long, device=device) for w in writes), span,
                  writes_sources, heads)
 
