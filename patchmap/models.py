@@ -92,6 +92,14 @@ def attention_module(model, layer):
     return _get(blocks(model)[layer], layout.attention or layout.attn)
 
 
+def attention_output_modules(model, layer) -> list:
+    """Block `layer`'s attention modules each of whose rows feeds the attention output at its own position
+    only: its query projection, where that is a module of its own, and its output projection (where the
+    family table names them). Where nothing reads the attention output, neither needs to compute."""
+    block, layout = blocks(model)[layer], layout_for(model)
+    return [_get(block, path) for path in (layout.query, layout.out_proj) if path is not None]
+
+
 def mlp_modules(model, layer):
     """The modules where block `layer`'s MLP starts (its input: the normed hidden state) and ends."""
     block = blocks(model)[layer]

@@ -22,17 +22,27 @@ def _vocabulary_and_width(model):
     return weight.shape[0], weight.shape[1]
 
 
+def _query_output_parameters(model):
+    """Weight-matrix parameters of one block's attention modules that compute only where the attention
+    output is read (models.attention_output_modules)."""
+    return sum(_matrix_parameters(module) for module in models.attention_output_modules(model, 0))
+
+
 def fast_flops(model, stats, clean_positions_sq):
-    """The fast engine's schedule: attention projections for every position computed, the MLP where it
-    ran (the last block's at the last position only), attention scores, the output embedding for each
-    run and the clean runs' kept positions, and the clean runs' blocks (attention at every position of the
-    padded batch, the MLP where it ran)."""
+    """The fast engine's schedule: attention projections for every position computed (the query and output
+    projections, where they are modules of their own, only where the attention output is read), the MLP
+    where it ran (the last block's at the last position only), attention scores, the output embedding for
+    each run and the clean runs' kept positions, and the clean runs' blocks (attention at every position of
+    the padded batch, the MLP where it ran)."""
     attention, mlp = block_parameters(model)
+    query_output = _query_output_parameters(model)
     vocab, width = _vocabulary_and_width(model)
     layers, hidden = models.n_layers(model), model.config.hidden_size
-    patched = 2 * attention * stats["block_tokens"] + 2 * mlp * stats["mlp_tokens"] \
+    patched = 2 * (attention - query_output) * stats["block_tokens"] \
+        + 2 * query_output * stats.get("query_output_tokens", 0) + 2 * mlp * stats["mlp_tokens"] \
         + 4 * hidden * stats["attention_scores"] + 2 * width * vocab * stats["head_rows"]
-    clean = 2 * attention * layers * stats["clean_tokens"] + 2 * mlp * stats["clean_mlp_tokens"] \
+    clean = 2 * (attention - query_output) * layers * stats["clean_tokens"] \
+        + 2 * query_output * stats.get("clean_query_output_tokens", 0) + 2 * mlp * stats["clean_mlp_tokens"] \
         + 4 * hidden * layers * clean_positions_sq + 2 * width * vocab * stats["clean_logit_rows"]
     return patched + clean
 

@@ -60,10 +60,10 @@ def hooks(pairs):
             h.remove()
 
 
-def skip_mlp_rows(modules, keep: torch.Tensor) -> list:
-    """(module, hook) pairs for `hooks` that run the MLP (entry module .. exit module) only on the flattened
-    token rows `keep` [N]; the other rows of its output are zero. The block's output there is then wrong, and
-    must be unused."""
+def only_rows(modules, keep: torch.Tensor) -> list:
+    """(module, hook) pairs for `hooks` that run a computation (entry module .. exit module, e.g. the MLP)
+    only on the flattened token rows `keep` [N]; the other rows of its output are zero. What it feeds there
+    is then wrong, and must be unused."""
     entry, exit_ = modules
     shape = {}
 

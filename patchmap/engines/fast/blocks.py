@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from ... import layouts, models
 from ...errors import UserError
-from ..hooks import edit_hook, hooks, output_tensor, skip_mlp_rows
+from ..hooks import edit_hook, hooks, only_rows, output_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .head import OutputHead
 from .schedule import RowIndex
@@ -76,6 +76,7 @@ class FastEngine:
         self.blocks = models.blocks(model)
         self.n_layers = len(self.blocks)
         self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(self.n_layers)]
+        self.attention_outputs = [models.attention_output_modules(model, layer) for layer in range(self.n_layers)]
         self.final_norms = models.final_modules(model)
         # Blocks may compute on different devices (accelerate's device_map): each block's recorded inputs,
         # arguments and keys/values live on its device; ids and the runs' bookkeeping on the input
@@ -178,8 +179,10 @@ class FastEngine:
         (component, rows, positions, new_values) rewrites the component's activation there (write_rows);
         `mlp` = "all" computes the MLP at every real position (not at the padding of narrower rows), "last"
         only at each row's last suffix position (all other positions of the last block feed nothing), "none"
-        not at all; `blocked` [R, P + W] marks keys each row's last query may not attend to. Returns the
-        output [R, W, H], and with `record` also the keys and values computed."""
+        not at all; with "last" and "none" the attention's query and output projections (where they are
+        modules of their own) compute only there too, as nothing else reads the attention output; `blocked`
+        [R, P + W] marks keys each row's last query may not attend to. Returns the output [R, W, H], and with
+        `record` also the keys and values computed."""
         device = self.block_devices[layer]
         index = index.to(device)
         kwargs = self._block_arguments(clean, layer, index, keys_values, blocked)
@@ -201,13 +204,19 @@ class FastEngine:
             self.stats["mlp_tokens"] += rows * width
         else:
             self.stats["mlp_tokens"] += len(keep)
-            registered = skip_mlp_rows(self.mlp_modules[layer], keep)
+            registered = only_rows(self.mlp_modules[layer], keep)
         if write is not None:
             component, write_at, positions, new_values = write
 
             def rewrite(h):
                 return write_rows(h.reshape(rows, width, h.shape[-1]), write_at, positions, new_values).reshape(h.shape)
             registered.append(edit_hook(self.model, component, layer, rewrite))
+        query_output_rows = rows * width
+        if mlp != "all":  # (after the edit: a head site's hook writes the output projection's whole input)
+            query_output_rows = len(keep)
+            registered += [pair for module in self.attention_outputs[layer] for pair in only_rows((module, module), keep)]
+        if not record:
+            self.stats["query_output_tokens"] += query_output_rows
         with hooks(registered):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:

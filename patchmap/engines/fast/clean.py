@@ -10,7 +10,7 @@ from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ..hooks import check_finite, hooks, input_hook, noise_hooks, output_tensor, pad_batch, skip_mlp_rows
+from ..hooks import check_finite, hooks, input_hook, noise_hooks, only_rows, output_tensor, pad_batch
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -76,7 +76,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
 
     recorders = [(b, record_input(i), "pre") for i, b in enumerate(engine.blocks)]
     recorders += [(engine.blocks[-1], record_output)] + noise_hooks(engine.model, noise)
-    mlp_hooks, mlp_rows = mlp_where_read(engine, mask, lengths)
+    row_hooks, mlp_rows, query_output_rows = where_read(engine, mask, lengths)
     # 3. the model's own forward; its output embedding sees one position (the engine's head gives every
     # prompt's logits, step 4): in the engine's first clean run the last of the first prompt as long as the
     # batch, to check the engine's head against, and none after
@@ -84,11 +84,12 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
     logit_positions = [(engine.model.get_output_embeddings(), last_position_of(checked_row), "pre")]
-    with hooks(recorders + mlp_hooks + logit_positions):
+    with hooks(recorders + row_hooks + logit_positions):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **recording).logits
     engine.stats["clean_tokens"] += ids.numel()
     engine.stats["clean_mlp_tokens"] += mlp_rows
+    engine.stats["clean_query_output_tokens"] += query_output_rows
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
     # 4. each prompt's last-position logits from the engine's head, as the patched runs' come
     rows = torch.arange(len(lengths), device=engine.device)
@@ -110,17 +111,21 @@ def last_position_of(row):
     return input_hook(lambda hidden: hidden[:, :0] if row is None else hidden[row:row + 1, -1:])
 
 
-def mlp_where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
-    """(hooks, rows the MLPs compute in all): hooks that compute each block's MLP only where something
-    reads its output: at the prompts' positions (`mask` [B, T]), and in the last block at their last
-    positions only (the patched runs read the clean run's hidden states at real positions, and its last
-    output at the last ones). Padded positions are masked as keys everywhere: what they hold does not
-    matter."""
+def where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
+    """(hooks, rows the MLPs compute in all, rows the attention's query and output projections compute in
+    all): hooks that compute each block's MLP only where something reads its output: at the prompts'
+    positions (`mask` [B, T]), and in the last block at their last positions only (the patched runs read
+    the clean run's hidden states at real positions, and its last output at the last ones); there the
+    attention's query and output projections compute at the last positions only too (the keys and values
+    of every position are recorded). Padded positions are masked as keys everywhere: what they hold does
+    not matter."""
     real = mask.flatten().nonzero().squeeze(1)
     last = torch.arange(len(lengths), device=lengths.device) * mask.shape[1] + lengths - 1
     keep = [real] * (engine.n_layers - 1) + [last]
-    pairs = [pair for layer, rows in enumerate(keep) for pair in skip_mlp_rows(engine.mlp_modules[layer], rows)]
-    return pairs, sum(len(rows) for rows in keep)
+    pairs = [pair for layer, rows in enumerate(keep) for pair in only_rows(engine.mlp_modules[layer], rows)]
+    pairs += [pair for module in engine.attention_outputs[-1] for pair in only_rows((module, module), last)]
+    query_output_rows = mask.numel() * (engine.n_layers - 1) + len(last)
+    return pairs, sum(len(rows) for rows in keep), query_output_rows
 
 
 def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:
