@@ -144,6 +144,43 @@ def test_a_block_call_computes_the_mlp_at_real_positions_only():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_last_block_computes_queries_outputs_and_mlp_at_last_positions_only(load_family, pairs_for, family):
+    """In the last block only each run's last position feeds the output: the MLP and the attention's query
+    and output projections (where they are modules of their own: GPT-2 fuses the query with the keys and
+    values) compute there, in the patched runs and the clean run, while the block computes every position the
+    runs compute."""
+    model, tokenizer = load_family(family)
+    pairs = pairs_for(model, tokenizer, examples=6, seed=1)
+    sites = [Site("subj", "Subj.", "resid", "subject"), Site("last", "Last.", "resid", "last")]
+    sources = extract(model, tokenizer, pairs, sites, batch_size=6)
+    layer = models.n_layers(model) - 1
+    modules = dict(zip(("query", "output")[-len(models.attention_output_modules(model, layer)):],
+                       models.attention_output_modules(model, layer)))
+    modules["mlp"] = models.mlp_modules(model, layer)[0]
+    handed, computed = {"block": 0}, {name: 0 for name in modules}  # rows handed to the block, computed by each
+
+    def count_handed(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        handed["block"] += x.numel() // x.shape[-1]
+
+    def count_computed(name):
+        def hook(module, args, output):  # registered first: runs before the engine's hooks scatter the rows
+            computed[name] += output.numel() // output.shape[-1]
+        return hook
+    handles = [models.blocks(model)[layer].register_forward_pre_hook(count_handed, with_kwargs=True)]
+    handles += [module.register_forward_hook(count_computed(name)) for name, module in modules.items()]
+    engine = FastEngine(model)
+    try:
+        patch_job(model, tokenizer, pairs, sources, sites, batch_size=6, engine=engine)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert engine.stats["span_runs"] > 0 and computed["mlp"] < handed["block"]
+    assert set(computed) == {"mlp", "output"} | ({"query"} if family == "llama" else set())
+    assert all(rows == computed["mlp"] for rows in computed.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):
     model, tokenizer = load_family(family)
