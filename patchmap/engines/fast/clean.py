@@ -24,7 +24,9 @@ class _RecordingCache(DynamicCache):
         self.recorded = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.recorded[layer_idx] = (key_states, value_states)
+        # contiguous [B, kv heads, T, head dim] (GPT-2's are views of [B, T, heads, head dim]): the prefix
+        # caches gathered from them are then too, which the attention's matrix products take without a copy
+        self.recorded[layer_idx] = (key_states.contiguous(), value_states.contiguous())
         return key_states, value_states
 
 
