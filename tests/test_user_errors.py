@@ -217,6 +217,24 @@ def test_non_finite_logits_name_site_and_layer(tiny_model, pairs_for):
         patch_job(model, tokenizer, pairs, acts, [site], engine="reference")
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_non_finite_logits_of_the_unpatched_target_are_named(tiny_model, pairs_for, engine):
+    model, tokenizer = tiny_model
+    pairs = pairs_for(model, tokenizer, examples=4)
+    site = Site("last", "Last.", "resid", "last")
+    acts = extract(model, tokenizer, pairs, [site])
+    weight = model.get_output_embeddings().weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[3] = np.inf  # every run's logit of token 3: inf or NaN
+        with pytest.raises(UserError, match=r"non-finite logits \(NaN or inf\) in the unpatched target run"):
+            patch_job(model, tokenizer, pairs, acts, [site], engine=engine)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
 GOOD_FACT = {"subject": "Abel Bran", "prompt": "Abel Bran lives in the city of", "attribute": "Paris"}
 
 # A config whose runs need no model to be trained: errors at config time or in the facts job.
