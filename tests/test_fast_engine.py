@@ -351,9 +351,9 @@ def test_a_head_that_does_not_reproduce_the_models_logits_is_refused(load_family
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_only_the_first_clean_run_asks_the_model_for_logits(load_family, pairs_for, family):
-    """The engine's head is checked against the model's own logits in its first clean run, at one position;
-    the later batches' forwards compute none (their output embedding gets no rows); the numbers are the
-    reference's."""
+    """The engine's head is checked against the model's own logits of its first clean run, at one position
+    (when the first batch is scored); the later batches' forwards compute none (their output embedding gets
+    no rows); the numbers are the reference's."""
     model, tokenizer = load_family(family)
     pairs = pairs_for(model, tokenizer, examples=6, seed=1)
     acts = extract(model, tokenizer, pairs, ALL_SITES[:2], batch_size=2)

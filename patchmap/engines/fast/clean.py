@@ -45,7 +45,9 @@ class CleanRun:
     arguments: list              # block l's call arguments other than the hidden state
     hidden_names: list           # the name of block l's hidden-state argument
     keys_values: dict            # layer -> (keys, values) [B, kv_heads, T, head_dim]
-    target_logits: torch.Tensor  # [B, V] float32 logits at the last position
+    last_hidden: torch.Tensor    # [B, H] the last block's output at each prompt's last position
+    checked_row: int = None      # in the engine's first clean run, the row whose logits the model computed:
+    model_logits: torch.Tensor = None  # [1, V] float32, which the engine's head must reproduce (check_head)
 
     def block_output(self, layer: int) -> torch.Tensor:
         """Block `layer`'s output [B, T, H]: the next block's input, or the last block's output."""
@@ -80,8 +82,8 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recorders += [(engine.blocks[-1], record_output)] + noise_hooks(engine.model, noise)
     row_hooks, mlp_rows, query_output_rows = where_read(engine, mask, lengths)
     # 3. the model's own forward; its output embedding sees one position (the engine's head gives every
-    # prompt's logits, step 4): in the engine's first clean run the last of the first prompt as long as the
-    # batch, to check the engine's head against, and none after
+    # prompt's logits, with the patched runs': driver.score): in the engine's first clean run the last of the
+    # first prompt as long as the batch, to check the engine's head against, and none after
     cache = _RecordingCache(engine.config)
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
@@ -93,18 +95,13 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     engine.stats["clean_mlp_tokens"] += mlp_rows
     engine.stats["clean_query_output_tokens"] += query_output_rows
     engine.stats["clean_logit_rows"] += logits.shape[0] * logits.shape[1]
-    # 4. each prompt's last-position logits from the engine's head, as the patched runs' come
+    # 4. each prompt's last hidden state, whose logits the engine's head computes with the patched runs'
     rows = torch.arange(len(lengths), device=engine.device)
     output = last["output"]
-    # (a copy: the head writes into a buffer it reuses)
-    last_logits = engine.head(output[rows.to(output.device), (lengths - 1).to(output.device)]).clone()
-    check_finite(last_logits, " in the unpatched target run")
-    if checked_row is not None:
-        model_logits = logits[0, -1:].float().to(engine.output_device)  # [1, V]
-        check_head(engine, last_logits[checked_row:checked_row + 1], model_logits)
-        engine.head_checked = True
+    last_hidden = output[rows.to(output.device), (lengths - 1).to(output.device)]
+    model_logits = None if checked_row is None else logits[0, -1:].float().to(engine.output_device)  # [1, V]
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
-                    cache.recorded, last_logits)
+                    cache.recorded, last_hidden, checked_row, model_logits)
 
 
 def last_position_of(row):
@@ -128,6 +125,16 @@ def where_read(engine, mask: torch.Tensor, lengths: torch.Tensor) -> tuple:
     pairs += [pair for module in engine.attention_outputs[-1] for pair in only_rows((module, module), last)]
     query_output_rows = mask.numel() * (engine.n_layers - 1) + len(last)
     return pairs, sum(len(rows) for rows in keep), query_output_rows
+
+
+def target_logits(engine, clean: CleanRun, logits: torch.Tensor) -> torch.Tensor:
+    """The engine head's logits [B, V] of the clean run's last hidden states, checked: finite, and in the
+    engine's first clean run its checked row the model's own (check_head)."""
+    check_finite(logits, " in the unpatched target run")
+    if clean.checked_row is not None:
+        check_head(engine, logits[clean.checked_row:clean.checked_row + 1], clean.model_logits)
+        engine.head_checked = True
+    return logits
 
 
 def check_head(engine, mine: torch.Tensor, logits: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from ..memory import halve_range, halving_on_out_of_memory
 from ..samples import compared, compared_targets, copies, side_by_side
 from . import runs, schedule
 from .blocks import FastEngine
-from .clean import CleanRun
+from .clean import CleanRun, target_logits
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class Batch:
     answers: list        # [target answers [B], source answers [B]], on the output device
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
     samples: int         # copies of each example
-    targets: Targets     # the unpatched targets' next-token distributions (of their copies' mean), [B, V]
+    targets: Targets = None  # the unpatched targets' next-token distributions (of their copies' mean), [B, V],
+                             # from score(), with the patched runs'
 
 
 @dataclass
@@ -86,24 +87,21 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
             engine.warned.add("prefix")
             log.warning("fast engine: no keys and values recorded for '%s'; recomputing every position "
                         "(slower, same numbers)", job.model.config.model_type)
-        batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples,
-                      compared_targets(clean.target_logits, samples))
+        batch = Batch(a, b, clean, copies(lengths[a:b], samples), [x[a:b] for x in answers], use_prefix, samples)
         # 3. ... the patched runs of every site (positions per clean-run row), a head site's heads together ...
         patched = []
         for numbers in sharing_calls(job):
             site = job.sites[numbers[0]]
-            here = positions[site.key][a:b]
-            rows = copies(here, samples)
+            rows = copies(positions[site.key][a:b], samples)
             spans = schedule.spans(site, rows, batch.lengths, first, available, engine.n_layers,
                                    None if same_until is None else copies(same_until[a:b], samples),
                                    use_prefix and engine.spans)
             patched += site_runs(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
-            for number in numbers:
-                unpatched(batch, here, job.js_base, results[job.sites[number].key])
-        # 4. ... and the logits and metrics of all of them
-        score(engine, job, batch, patched, results)
+        # 4. ... and the logits and metrics of all of them and of the unpatched targets
+        batch.targets = score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
         for site in job.sites:
+            unpatched(batch, positions[site.key][a:b], job.js_base, results[site.key])
             results[site.key]["target_top_token"][a:b], results[site.key]["target_top_prob"][a:b] = target_top
         bar.update(b - a)
     bar.close()
@@ -195,34 +193,45 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
     return out
 
 
-def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
+def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> Targets:
     """Logits and metrics of every PatchedRuns of a clean batch, into `results` {site: {metric: [example,
     layer]}}: the output embedding on chunks of many runs at once (sites and layers together), each chunk's
     logits turned into log-probs and compared with their targets piece by piece while in cache; with noise
-    samples, the metrics of each run's copies' mean distribution."""
-    if not patched:
-        return
+    samples, the metrics of each run's copies' mean distribution. The unpatched targets' rows lead the first
+    chunk (one product for theirs and the runs', not a small one of their own); returns the targets."""
     answers, a, samples = batch.answers, batch.a, batch.samples
-    site_of = torch.cat([p.site_numbers for p in patched])
-    rows = torch.cat([p.rows for p in patched])
-    layer_ids = torch.cat([p.layer_ids for p in patched])
-    hidden = torch.cat([p.hidden for p in patched])
-    site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
-    by_example = torch.argsort(rows // samples, stable=True)  # one example's runs share its target's row
-    site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
-    hidden = hidden[by_example.to(hidden.device)]
+    leading = batch.clean.last_hidden  # [B x samples, H]
+    rows, hidden = torch.zeros(0, dtype=torch.long, device=engine.device), leading[:0]
+    if patched:
+        site_of = torch.cat([p.site_numbers for p in patched])
+        rows = torch.cat([p.rows for p in patched])
+        layer_ids = torch.cat([p.layer_ids for p in patched])
+        hidden = torch.cat([p.hidden for p in patched])
+        site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
+        by_example = torch.argsort(rows // samples, stable=True)  # one example's runs share its target's row
+        site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
+        hidden = hidden[by_example.to(hidden.device)]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     n_runs, most = len(rows) // samples, max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)
-    step = samples * math.ceil(n_runs / math.ceil(n_runs / most))  # as few chunks as fit, of equal sizes
-    for c in range(0, len(rows), step):
+    step = samples * math.ceil(n_runs / math.ceil(n_runs / most)) if n_runs else 1  # as few equal chunks as fit
+    targets = None
+    for c in range(0, max(len(rows), 1), step):
         part = slice(c, c + step)
-        logits = engine.head(hidden[part])  # [step, V] float32
+        if targets is None:  # [B x samples + step, V] float32, the targets' rows first
+            logits = engine.head(torch.cat([leading.to(hidden.device), hidden[part]]))
+            # (compared_targets copies them: the head writes into a buffer it reuses)
+            targets = compared_targets(target_logits(engine, batch.clean, logits[:len(leading)]), samples)
+            logits = logits[len(leading):]
+        else:
+            logits = engine.head(hidden[part])  # [step, V] float32
         engine.stats["head_rows"] += logits.shape[0]
+        if not len(logits):
+            break
         compared_runs, is_logits = compared(logits, samples)  # a row per run
         part = slice(c, c + step, samples)
         here = rows[part].to(logits.device) // samples
         metrics = {k: v.cpu().numpy() for k, v in patch_metrics(
-            compared_runs, batch.targets, here, answers[0][here], answers[1][here], job.js_base, logits=is_logits).items()}
+            compared_runs, targets, here, answers[0][here], answers[1][here], job.js_base, logits=is_logits).items()}
 
         def where(bad, c=c):
             run = c + bad * samples
@@ -235,3 +244,4 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
             mine = sites_here == number
             for k, v in metrics.items():
                 results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]
+    return targets
