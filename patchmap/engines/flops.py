@@ -39,10 +39,10 @@ def fast_flops(model, stats, clean_positions_sq):
     vocab, width = _vocabulary_and_width(model)
     layers, hidden = models.n_layers(model), model.config.hidden_size
     patched = 2 * (attention - query_output) * stats["block_tokens"] \
-        + 2 * query_output * stats.get("query_output_tokens", 0) + 2 * mlp * stats["mlp_tokens"] \
+        + 2 * query_output * stats["query_output_tokens"] + 2 * mlp * stats["mlp_tokens"] \
         + 4 * hidden * stats["attention_scores"] + 2 * width * vocab * stats["head_rows"]
     clean = 2 * (attention - query_output) * layers * stats["clean_tokens"] \
-        + 2 * query_output * stats.get("clean_query_output_tokens", 0) + 2 * mlp * stats["clean_mlp_tokens"] \
+        + 2 * query_output * stats["clean_query_output_tokens"] + 2 * mlp * stats["clean_mlp_tokens"] \
         + 4 * hidden * layers * clean_positions_sq + 2 * width * vocab * stats["clean_logit_rows"]
     return patched + clean
 

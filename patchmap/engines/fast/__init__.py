@@ -19,22 +19,22 @@ model's forward; they go through its decoder blocks, called directly, on a sched
   a resid span after a prefix the source run shares, the source's keys and values up to the span's end);
 - the last block runs its MLP, and the attention's query and output projections where they are modules of
   their own, at the last position only (nothing else of it feeds the output; the keys and values of every
-  position are computed), and logits are computed only there (final norm and output embedding applied to that position's hidden
-  state; Gemma's final softcapping included), for every site and layer of a batch in a few large products,
-  the unpatched targets' too (checked against the model's own logits at one position of the engine's
-  first clean run; the model's forward computes no logits in later ones).
+  position are computed), and logits are computed only there (final norm and output embedding applied to
+  that position's hidden state; Gemma's final softcapping included), for every site and layer of a batch in
+  a few large products, the unpatched targets' too (checked against the model's own logits at one position
+  of the engine's first clean run; the model's forward computes no logits in later ones).
 
-Runs are grouped by how many positions they compute, not by where they start: each row of a block call
-gets its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest
-prefix, the padding masked). Runs of close widths share calls, padded at the end to the widest while that
-adds at most a quarter of their positions (schedule.PADDING: padded positions are masked as keys and
-never read, and their MLPs do not run; fewer, larger calls). On the CPU a block call's attention runs on
-torch's math backend: its batched matrix products beat the CPU flash kernel, which solves the calls' many
-small problems (a few queries against a few dozen keys, per row and head) one at a time. Each site's runs have calls of their own, so
-that a site's numbers do not depend on the other sites of its job. Runs are chunked to a budget of (runs x
-suffix positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it,
-with a warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes.
-The reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
+Runs are grouped by how many positions they compute, not by where they start: each row of a block call gets
+its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest prefix, the
+padding masked). Runs of close widths share calls, padded at the end to the widest while that adds at most a
+quarter of their positions (schedule.PADDING: padded positions are masked as keys and never read, and their
+MLPs do not run; fewer, larger calls). On the CPU a block call's attention runs on torch's math backend: its
+batched matrix products beat the CPU flash kernel, which solves the calls' many small problems (a few
+queries against a few dozen keys, per row and head) one at a time. Each site's runs have calls of their own,
+so that a site's numbers do not depend on the other sites of its job. Runs are chunked to a budget of (runs
+x suffix positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it,
+with a warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes. The
+reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 
 The files: clean.py (the clean run), blocks.py (FastEngine: block calls of patched runs), schedule.py (a

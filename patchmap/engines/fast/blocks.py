@@ -78,7 +78,8 @@ class FastEngine:
         self.blocks = models.blocks(model)
         self.n_layers = len(self.blocks)
         self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(self.n_layers)]
-        self.attention_outputs = [models.attention_output_modules(model, layer) for layer in range(self.n_layers)]
+        self.attention_outputs = [models.attention_output_modules(model, layer)
+                                  for layer in range(self.n_layers)]
         self.final_norms = models.final_modules(model)
         # Blocks may compute on different devices (accelerate's device_map): each block's recorded inputs,
         # arguments and keys/values live on its device; ids and the runs' bookkeeping on the input
@@ -190,35 +191,32 @@ class FastEngine:
         kwargs = self._block_arguments(clean, layer, index, keys_values, blocked)
         kwargs[clean.hidden_names[layer]] = hidden = hidden.to(device)
         rows, width = hidden.shape[:2]
-        if not record:
-            self.inject(rows * width)
-            self.stats["block_tokens"] += rows * width
-            self.stats["attention_scores"] += rows * width * (index.prefix + width)
-            self.stats["block_calls"] += 1
-        registered = []
         if mlp == "all":  # at the real positions: a padded one's output feeds nothing
             keep = index.real_rows()
         elif mlp == "last":
             keep = torch.arange(0, rows * width, width, device=device) + index.last
         else:
             keep = torch.zeros(0, dtype=torch.long, device=device)
-        if keep is None:
-            self.stats["mlp_tokens"] += rows * width
-        else:
-            self.stats["mlp_tokens"] += len(keep)
-            registered = only_rows(self.mlp_modules[layer], keep)
+        registered = [] if keep is None else only_rows(self.mlp_modules[layer], keep)
         if write is not None:
             component, write_at, positions, new_values = write
 
             def rewrite(h):
                 return write_rows(h.reshape(rows, width, h.shape[-1]), write_at, positions, new_values).reshape(h.shape)
             registered.append(edit_hook(self.model, component, layer, rewrite))
-        query_output_rows = rows * width
-        if mlp != "all":  # (after the edit: a head site's hook writes the output projection's whole input)
-            query_output_rows = len(keep)
-            registered += [pair for module in self.attention_outputs[layer] for pair in only_rows((module, module), keep)]
+        # The attention output is read where the MLP runs. Its query and output projections skip the rest only
+        # with "last" and "none": at real positions, the padding saved does not pay for a gather and a scatter.
+        # (Registered after the edit: a head site's hook writes the output projection's whole input.)
+        attention_rows = None if mlp == "all" else keep
+        if attention_rows is not None:
+            for module in self.attention_outputs[layer]:
+                registered += only_rows((module, module), attention_rows)
         if not record:
-            self.stats["query_output_tokens"] += query_output_rows
+            tokens = rows * width
+            self.inject(tokens)
+            self.stats.update(block_tokens=tokens, attention_scores=tokens * (index.prefix + width), block_calls=1,
+                              mlp_tokens=tokens if keep is None else len(keep),
+                              query_output_tokens=tokens if attention_rows is None else len(attention_rows))
         with hooks(registered), attention_kernel(device):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:
