@@ -52,6 +52,13 @@ class _PrefixCache(DynamicCache):
         return keys, values
 
 
+def rows_of(cache, examples, end):
+    """Each row's own copy of its example's cache [B, kv heads, T, head dim] up to position `end`: [R, kv
+    heads, end, head dim] (index_select copies whole rows, 5-6x faster here than advanced indexing); None
+    for no cache."""
+    return None if cache is None else torch.index_select(cache[:, :, :end], 0, examples.to(cache.device))
+
+
 def write_rows(tensor: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, new_values) -> torch.Tensor:
     """`tensor` [R, W, H] with new_values(old [N, H]) -> [N, H] at (rows[i], positions[i])."""
     where = (rows.to(tensor.device), positions.to(tensor.device))
@@ -158,8 +165,8 @@ class FastEngine:
             if name in CACHE_ARGUMENTS and value is not None:
                 keys, values = keys_values or (None, None)  # None: no keys and values recorded, every prefix empty
                 end = index.prefix + index.width  # the suffix is written over the clean ones after the prefix
-                out[name] = _PrefixCache(None if keys is None else keys[index.examples, :, :end],
-                                         None if values is None else values[index.examples, :, :end], index.prefix)
+                out[name] = _PrefixCache(rows_of(keys, index.examples, end), rows_of(values, index.examples, end),
+                                         index.prefix)
             elif name == "attention_mask":
                 out[name] = self._mask(value, index)
                 if blocked is not None:
