@@ -180,6 +180,45 @@ def test_the_last_block_computes_queries_outputs_and_mlp_at_last_positions_only(
     assert all(rows == computed["mlp"] for rows in computed.values())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "phi"])
+def test_composed_tanh_gelus_compute_fused_in_the_engine_and_the_model_keeps_its_own(load_family, pairs_for,
+                                                                                   family, monkeypatch):
+    """gelu_new (GPT-2, Phi) is the tanh approximation of GELU written as elementwise operations: in the fast
+    engine's clean run and block calls torch's fused GELU computes it instead (the numbers agree with the
+    reference: test_fast_equals_reference_for_every_site), and the model gets its own modules back after
+    the job, and after a job that fails inside a block."""
+    from transformers.activations import NewGELUActivation
+    model, tokenizer = load_family(family)
+    pairs = pairs_for(model, tokenizer, examples=4, seed=1)
+    sites = [Site("last", "Last.", "resid", "last")]
+    sources = extract(model, tokenizer, pairs, sites, batch_size=4)
+    own = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
+    assert len(own) == models.n_layers(model)
+    calls = {"composed": 0, "fused": 0}
+    handles = [m.register_forward_hook(lambda *_: calls.update(composed=calls["composed"] + 1)) for m in own]
+    fused = torch.nn.GELU.forward
+
+    def counted(self, x):
+        assert self.approximate == "tanh"
+        calls["fused"] += 1
+        return fused(self, x)
+    monkeypatch.setattr(torch.nn.GELU, "forward", counted)
+    try:
+        patch_job(model, tokenizer, pairs, sources, sites, batch_size=4, engine=FastEngine(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["composed"] == 0 and calls["fused"] > models.n_layers(model)
+    assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == own
+
+    def failing(self, x):
+        raise RuntimeError("a failing kernel")
+    monkeypatch.setattr(torch.nn.GELU, "forward", failing)
+    with pytest.raises(RuntimeError, match="a failing kernel"):
+        patch_job(model, tokenizer, pairs, sources, sites, batch_size=4, engine=FastEngine(model))
+    assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == own
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("intervention", ["noise", "ablate-zero", "ablate-mean"])
 def test_fast_equals_reference_for_noise_and_ablation(load_family, pairs_for, family, intervention):

@@ -6,10 +6,8 @@ package docstring for the method; clean.py records the clean run these calls sta
 import inspect
 import logging
 from collections import Counter, defaultdict
-from contextlib import nullcontext
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from ... import layouts, models
@@ -17,6 +15,7 @@ from ...errors import UserError
 from ..hooks import edit_hook, hooks, only_rows, output_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .head import OutputHead
+from .kernels import attention_kernel, computing, fused_activations
 from .schedule import RowIndex
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,7 @@ class FastEngine:
         self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(self.n_layers)]
         self.attention_outputs = [models.attention_output_modules(model, layer)
                                   for layer in range(self.n_layers)]
+        self.activations = [fused_activations(block) for block in self.blocks]  # swapped in by kernels.computing
         self.final_norms = models.final_modules(model)
         # Blocks may compute on different devices (accelerate's device_map): each block's recorded inputs,
         # arguments and keys/values live on its device; ids and the runs' bookkeeping on the input
@@ -224,7 +224,7 @@ class FastEngine:
             self.stats.update(block_tokens=tokens, attention_scores=tokens * (index.prefix + width), block_calls=1,
                               mlp_tokens=tokens if keep is None else len(keep),
                               query_output_tokens=tokens if attention_rows is None else len(attention_rows))
-        with hooks(registered), attention_kernel(device):
+        with hooks(registered), attention_kernel(device), computing(self.activations[layer]):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:
             cache = next(v for k, v in kwargs.items() if k in CACHE_ARGUMENTS and v is not None)
@@ -260,14 +260,6 @@ class FastEngine:
         self.max_tokens = max(1, min(self.max_tokens, tokens) // 2)
         self.stats["oom_retries"] += 1
         log.warning("fast engine: token budget now %d", self.max_tokens)
-
-
-def attention_kernel(device):
-    """The context for a block call's scaled_dot_product_attention: on the CPU, torch's math backend (matrix
-    products over every row and head at once), which on the patched runs' many small problems (a few
-    queries against a few dozen keys each) is 1.5-3x faster than the CPU flash kernel, which solves them
-    one (row, head) at a time; elsewhere torch's own choice."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
 def _block_last_query(mask, blocked, last):

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from ...errors import UserError
 from ..hooks import check_finite, hooks, input_hook, noise_hooks, only_rows, output_tensor, pad_batch
+from .kernels import computing
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -81,14 +82,15 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recorders = [(b, record_input(i), "pre") for i, b in enumerate(engine.blocks)]
     recorders += [(engine.blocks[-1], record_output)] + noise_hooks(engine.model, noise)
     row_hooks, mlp_rows, query_output_rows = where_read(engine, mask, lengths)
-    # 3. the model's own forward; its output embedding sees one position (the engine's head gives every
-    # prompt's logits, with the patched runs': driver.score): in the engine's first clean run the last of the
-    # first prompt as long as the batch, to check the engine's head against, and none after
+    # 3. the model's own forward, on the engine's kernels (kernels.computing); its output embedding sees one
+    # position (the engine's head gives every prompt's logits, with the patched runs': driver.score): in the
+    # engine's first clean run the last of the first prompt as long as the batch, to check the engine's head
+    # against, and none after
     cache = _RecordingCache(engine.config)
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
     logit_positions = [(engine.model.get_output_embeddings(), last_position_of(checked_row), "pre")]
-    with hooks(recorders + row_hooks + logit_positions):
+    with hooks(recorders + row_hooks + logit_positions), computing(sum(engine.activations, [])):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **recording).logits
     engine.stats["clean_tokens"] += ids.numel()
