@@ -181,20 +181,23 @@ def test_the_last_block_computes_queries_outputs_and_mlp_at_last_positions_only(
 
 
 @pytest.mark.parametrize("family", ["gpt2", "phi"])
-def test_composed_tanh_gelus_compute_fused_in_the_engine_and_the_model_keeps_its_own(load_family, pairs_for,
-                                                                                   family, monkeypatch):
-    """gelu_new (GPT-2, Phi) is the tanh approximation of GELU written as elementwise operations: in the fast
-    engine's clean run and block calls torch's fused GELU computes it instead (the numbers agree with the
-    reference: test_fast_equals_reference_for_every_site), and the model gets its own modules back after
-    the job, and after a job that fails inside a block."""
+def test_the_engines_kernels_compute_its_calls_and_the_model_keeps_its_own(load_family, pairs_for, family,
+                                                                          monkeypatch):
+    """In the fast engine's calls on the CPU its kernels compute (kernels.swaps): torch's fused GELU for
+    gelu_new (GPT-2, Phi: the tanh approximation written as elementwise operations) and cpu_attention for the
+    attention (the numbers agree with the reference: test_fast_equals_reference_for_every_site); the model
+    has its own modules and attention implementation back after the job, and after a job that fails inside
+    a block."""
+    from transformers import AttentionInterface
     from transformers.activations import NewGELUActivation
+    from patchmap.engines.fast import kernels
     model, tokenizer = load_family(family)
     pairs = pairs_for(model, tokenizer, examples=4, seed=1)
     sites = [Site("last", "Last.", "resid", "last")]
     sources = extract(model, tokenizer, pairs, sites, batch_size=4)
     own = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
-    assert len(own) == models.n_layers(model)
-    calls = {"composed": 0, "fused": 0}
+    assert len(own) == models.n_layers(model) and model.config._attn_implementation == "sdpa"
+    calls = {"composed": 0, "fused": 0, "attention": 0}
     handles = [m.register_forward_hook(lambda *_: calls.update(composed=calls["composed"] + 1)) for m in own]
     fused = torch.nn.GELU.forward
 
@@ -202,14 +205,21 @@ def test_composed_tanh_gelus_compute_fused_in_the_engine_and_the_model_keeps_its
         assert self.approximate == "tanh"
         calls["fused"] += 1
         return fused(self, x)
+
+    def attention(module, *args, **kwargs):
+        assert module.config._attn_implementation == kernels.CPU_ATTENTION
+        calls["attention"] += 1
+        return kernels.cpu_attention(module, *args, **kwargs)
     monkeypatch.setattr(torch.nn.GELU, "forward", counted)
+    monkeypatch.setitem(AttentionInterface._global_mapping, kernels.CPU_ATTENTION, attention)
     try:
         patch_job(model, tokenizer, pairs, sources, sites, batch_size=4, engine=FastEngine(model))
     finally:
         for handle in handles:
             handle.remove()
-    assert calls["composed"] == 0 and calls["fused"] > models.n_layers(model)
+    assert calls["composed"] == 0 and calls["fused"] > models.n_layers(model) and calls["attention"] > 0
     assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == own
+    assert model.config._attn_implementation == "sdpa"
 
     def failing(self, x):
         raise RuntimeError("a failing kernel")
@@ -217,6 +227,43 @@ def test_composed_tanh_gelus_compute_fused_in_the_engine_and_the_model_keeps_its
     with pytest.raises(RuntimeError, match="a failing kernel"):
         patch_job(model, tokenizer, pairs, sources, sites, batch_size=4, engine=FastEngine(model))
     assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == own
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("heads, kv_heads, mask_heads, boolean, rows_of_mask",
+                         [(4, 4, 1, True, "each"), (6, 2, 1, False, "each"), (6, 3, 6, False, "each"),
+                          (6, 2, 6, True, "each"), (4, 2, 1, False, "one")])
+def test_cpu_attention_equals_torchs(heads, kv_heads, mask_heads, boolean, rows_of_mask):
+    """cpu_attention gives torch's scaled_dot_product_attention, with key/value heads shared by groups of
+    query heads, boolean or additive masks for all heads or each, per row or one for all rows."""
+    from patchmap.engines.fast.kernels import cpu_attention
+    torch.manual_seed(0)
+    rows, width, keys, dim = 5, 3, 7, 8
+    query = torch.randn(rows, heads, width, dim)
+    key, value = torch.randn(2, rows, kv_heads, keys, dim)
+    allowed = torch.rand(1 if rows_of_mask == "one" else rows, mask_heads, width, keys) < 0.7
+    allowed[..., 0] = True  # every query attends to something
+    mask = allowed if boolean else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    got, weights = cpu_attention(None, query, key, value, mask, scaling=0.3)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3)
+    assert weights is None and got.shape == (rows, width, heads, dim)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_attention_leaves_what_it_does_not_handle_to_sdpa(monkeypatch):
+    """A missing mask, half precision and soft-capping go to transformers' sdpa function."""
+    from transformers import AttentionInterface
+    from patchmap.engines.fast.kernels import cpu_attention
+    handed = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", lambda *args, **kwargs: handed.append(kwargs))
+    query = key = value = torch.randn(2, 2, 3, 4)
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    cpu_attention(None, query, key, value, None)
+    cpu_attention(None, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask)
+    cpu_attention(None, query, key, value, mask, softcap=50.0)
+    assert len(handed) == 3 and handed[2]["softcap"] == 50.0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

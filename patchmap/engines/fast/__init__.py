@@ -28,16 +28,20 @@ Runs are grouped by how many positions they compute, not by where they start: ea
 its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest prefix, the
 padding masked). Runs of close widths share calls, padded at the end to the widest while that adds at most a
 quarter of their positions (schedule.PADDING: padded positions are masked as keys and never read, and their
-MLPs do not run; fewer, larger calls). On the CPU a block call's attention runs on torch's math backend: its
-batched matrix products beat the CPU flash kernel, which solves the calls' many small problems (a few
-queries against a few dozen keys, per row and head) one at a time. Each site's runs have calls of their own,
-so that a site's numbers do not depend on the other sites of its job. Runs are chunked to a budget of (runs
-x suffix positions) per block call; an out-of-memory error (CUDA or CPU) halves the chunk and retries it,
-with a warning in the log; the numbers stay the same up to float32 rounding of the smaller shapes. The
+MLPs do not run; fewer, larger calls). Where the model's own kernels are slow for these calls, the engine's
+own compute instead (kernels.py): on the CPU, a block call's attention is two batched matrix products over
+every row and head (cpu_attention: the CPU flash kernel solves the calls' many small problems, a few queries
+against a few dozen keys, one at a time), and the tanh GELU that transformers composes of five elementwise
+operations (gelu_new: GPT-2, GPT-J, Phi) is torch's fused one, in the block calls and the clean run. Each
+site's runs have calls of their own, so that a site's numbers do not depend on the other sites of its job.
+Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error (CUDA or
+CPU) halves the chunk and retries it, with a warning in the log; the numbers stay the same up to float32
+rounding of the smaller shapes. The
 reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
 tests/test_fast_engine.py compares this engine with.
 
 The files: clean.py (the clean run), blocks.py (FastEngine: block calls of patched runs), schedule.py (a
 site's runs, grouped and chunked), runs.py (a group's runs through the blocks), edits.py (what a run
-writes or blocks), head.py (the output head), driver.py (run_fast: the job, batch by batch, and its metrics).
+writes or blocks), head.py (the output head), kernels.py (the engine's attention and activation kernels),
+driver.py (run_fast: the job, batch by batch, and its metrics).
 """

@@ -15,7 +15,7 @@ from ...errors import UserError
 from ..hooks import edit_hook, hooks, only_rows, output_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .head import OutputHead
-from .kernels import attention_kernel, computing, fused_activations
+from .kernels import attention_kernel, computing, swaps
 from .schedule import RowIndex
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ class FastEngine:
         self.mlp_modules = [models.mlp_modules(model, layer) for layer in range(self.n_layers)]
         self.attention_outputs = [models.attention_output_modules(model, layer)
                                   for layer in range(self.n_layers)]
-        self.activations = [fused_activations(block) for block in self.blocks]  # swapped in by kernels.computing
         self.final_norms = models.final_modules(model)
         # Blocks may compute on different devices (accelerate's device_map): each block's recorded inputs,
         # arguments and keys/values live on its device; ids and the runs' bookkeeping on the input
@@ -95,6 +94,9 @@ class FastEngine:
         self.block_devices = [models.module_device(b) for b in self.blocks]
         self.final_norm_devices = [models.module_device(m) for m in self.final_norms]
         self.output_device = models.output_device(model)
+        # the engine's kernels (kernels.swaps): for each block call, and for the clean run (not its attention)
+        self.block_swaps = [swaps(b, d) for b, d in zip(self.blocks, self.block_devices)]
+        self.clean_swaps = swaps(model, self.device, attention=False)
         self.output_head = OutputHead(model, self.final_norms, self.final_norm_devices, self.output_device,
                                       getattr(self.config, "final_logit_softcapping", None))
         self.dtype = next(model.parameters()).dtype
@@ -224,7 +226,7 @@ class FastEngine:
             self.stats.update(block_tokens=tokens, attention_scores=tokens * (index.prefix + width), block_calls=1,
                               mlp_tokens=tokens if keep is None else len(keep),
                               query_output_tokens=tokens if attention_rows is None else len(attention_rows))
-        with hooks(registered), attention_kernel(device), computing(self.activations[layer]):
+        with hooks(registered), attention_kernel(device), computing(self.block_swaps[layer]):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:
             cache = next(v for k, v in kwargs.items() if k in CACHE_ARGUMENTS and v is not None)

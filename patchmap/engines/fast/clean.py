@@ -90,7 +90,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
     logit_positions = [(engine.model.get_output_embeddings(), last_position_of(checked_row), "pre")]
-    with hooks(recorders + row_hooks + logit_positions), computing(sum(engine.activations, [])):
+    with hooks(recorders + row_hooks + logit_positions), computing(engine.clean_swaps):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **recording).logits
     engine.stats["clean_tokens"] += ids.numel()

@@ -1,47 +1,94 @@
-"""Which kernels the fast engine's computations run on, where the model's own choice is slow for them:
+"""Which kernels the fast engine's computations run on, where the model's own choice is slow for them
+(`swaps`: what to put in place for a block call or the clean run; `computing`: the context that does):
 
-- attention: on the CPU, torch's math backend for block calls (attention_kernel);
+- attention in block calls on the CPU: cpu_attention, softmax(Q K^T x scale + mask) V as two batched matrix
+  products over all rows and heads, the query heads that share a key/value head (GQA) grouped against it
+  rather than its keys and values copied per head (transformers' sdpa path copies them when a mask is given),
+  scores scaled and masked in place. torch's math backend (attention_kernel) scales queries and keys each
+  into a copy and adds a pass for fully masked rows; its CPU flash kernel solves the calls' many small
+  problems (a few queries against a few dozen keys) one (row, head) at a time. Registered with
+  transformers' AttentionInterface and chosen through the attention's config for the call only;
 - activations: transformers writes the tanh approximation of GELU (gelu_new: GPT-2, GPT-J, Phi; gelu_fast)
   as five elementwise operations, each a pass over the MLP's widest activation; torch's GELU with
-  approximate="tanh" computes the same function in one (fused_activations, swapped in by `computing`).
-  transformers calls its own fused version (gelu_pytorch_tanh) "equivalent to NewGELU and FastGELU but much
-  faster", not an exact numerical match: the results differ by float32 rounding, within the engines'
-  agreement (tests/tolerances.py).
+  approximate="tanh" computes the same function in one. transformers calls its own fused version
+  (gelu_pytorch_tanh) "equivalent to NewGELU and FastGELU but much faster", not an exact numerical match.
+
+Both change float32 rounding only: the engines agree within tests/tolerances.py.
 """
 
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 COMPOSED_TANH_GELUS = (NewGELUActivation, FastGELUActivation)
+CPU_ATTENTION = "patchmap_cpu"
+UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")  # attention arguments cpu_attention leaves to sdpa
 
 
 def attention_kernel(device):
-    """The context for a block call's scaled_dot_product_attention: on the CPU, torch's math backend (matrix
-    products over every row and head at once), which on the patched runs' many small problems (a few
-    queries against a few dozen keys each) is 1.5-3x faster than the CPU flash kernel, which solves them
-    one (row, head) at a time; elsewhere torch's own choice."""
+    """The context for a block call's scaled_dot_product_attention (where cpu_attention leaves it to
+    transformers' sdpa function): on the CPU, torch's math backend, 1.5-3x faster on these problems than
+    the CPU flash kernel; elsewhere torch's own choice."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
-def fused_activations(module: torch.nn.Module) -> list:
-    """(parent, attribute name) of each activation module inside `module` that is a composed tanh GELU."""
-    return [(module.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2])
-            for path, child in module.named_modules() if isinstance(child, COMPOSED_TANH_GELUS)]
+def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float = None,
+                  is_causal=None, **kwargs):
+    """Attention of queries [R, H, W, D] over keys and values [R, KV, K, D] (H a multiple of KV; query
+    head h reads key/value head h // (H / KV)) with `attention_mask` [R or 1, H or 1, W, K] (boolean:
+    allowed; else added): [R, W, H, D], as transformers' attention functions return it, and no weights.
+    Dropout, a missing mask, half precision and the arguments in UNHANDLED go to transformers' sdpa
+    function."""
+    if dropout or attention_mask is None or query.dtype != torch.float32 \
+            or any(kwargs.get(name) is not None for name in UNHANDLED):
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, is_causal=is_causal, **kwargs)
+    rows, heads, width, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scores = torch.matmul(query.reshape(rows, kv_heads, groups * width, dim), key.transpose(-1, -2))
+    scores = scores.mul_(dim ** -0.5 if scaling is None else scaling).view(rows, kv_heads, groups, width, keys)
+    shared = attention_mask.shape[1] == 1  # one mask for every head
+    mask = attention_mask.reshape(len(attention_mask), 1 if shared else kv_heads, 1 if shared else groups, width,
+                                  keys)                                                   # [R, KV, G, W, K]
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores.add_(mask)
+    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, groups * width, keys)
+    output = torch.matmul(weights, value).view(rows, heads, width, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+
+
+def swaps(module: torch.nn.Module, device, attention: bool = True) -> list:
+    """(owner, attribute, value) to set while `module` (a decoder block, or the model) computes on `device`:
+    each composed tanh GELU in it by torch's fused one; with `attention`, on the CPU, the attention
+    implementation of its configs that use transformers' sdpa by cpu_attention."""
+    fused = torch.nn.GELU(approximate="tanh")
+    out = [(module.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], fused)
+           for path, child in module.named_modules() if isinstance(child, COMPOSED_TANH_GELUS)]
+    if attention and device.type == "cpu":
+        configs = {id(c): c for m in module.modules()
+                   if getattr(c := getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
+        out += [(c, "_attn_implementation", CPU_ATTENTION) for c in configs.values()]
+    return out
 
 
 @contextmanager
-def computing(activations: list):
-    """Within the block, each (parent, name) of `activations` (from fused_activations) computes with torch's
-    fused tanh GELU; the model's own modules are put back after it, also on an error."""
-    fused = torch.nn.GELU(approximate="tanh")
-    own = [getattr(parent, name) for parent, name in activations]
+def computing(changes: list):
+    """Within the block, each (owner, attribute, value) of `changes` (from swaps) set; the model's own put
+    back after it, also on an error."""
+    own = [getattr(owner, name) for owner, name, _ in changes]
     try:
-        for parent, name in activations:
-            setattr(parent, name, fused)
+        for owner, name, value in changes:
+            setattr(owner, name, value)
         yield
     finally:
-        for (parent, name), module in zip(activations, own):
-            setattr(parent, name, module)
+        for (owner, name, _), value in zip(changes, own):
+            setattr(owner, name, value)
