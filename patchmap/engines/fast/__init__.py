@@ -36,9 +36,8 @@ operations (gelu_new: GPT-2, GPT-J, Phi) is torch's fused one, in the block call
 site's runs have calls of their own, so that a site's numbers do not depend on the other sites of its job.
 Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error (CUDA or
 CPU) halves the chunk and retries it, with a warning in the log; the numbers stay the same up to float32
-rounding of the smaller shapes. The
-reference engine (patchmap.engines.reference, hooks on a full forward per layer) stays the ground truth that
-tests/test_fast_engine.py compares this engine with.
+rounding of the smaller shapes. The reference engine (patchmap.engines.reference, hooks on a full forward
+per layer) stays the ground truth that tests/test_fast_engine.py compares this engine with.
 
 The files: clean.py (the clean run), blocks.py (FastEngine: block calls of patched runs), schedule.py (a
 site's runs, grouped and chunked), runs.py (a group's runs through the blocks), edits.py (what a run

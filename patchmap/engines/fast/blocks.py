@@ -15,7 +15,7 @@ from ...errors import UserError
 from ..hooks import edit_hook, hooks, only_rows, output_tensor
 from .clean import CACHE_ARGUMENTS, CleanRun, positional_names, record_clean_run
 from .head import OutputHead
-from .kernels import attention_kernel, computing, swaps
+from .kernels import computing, swaps
 from .schedule import RowIndex
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class FastEngine:
             self.stats.update(block_tokens=tokens, attention_scores=tokens * (index.prefix + width), block_calls=1,
                               mlp_tokens=tokens if keep is None else len(keep),
                               query_output_tokens=tokens if attention_rows is None else len(attention_rows))
-        with hooks(registered), attention_kernel(device), computing(self.block_swaps[layer]):
+        with hooks(registered), computing(self.block_swaps[layer]):
             output = output_tensor(self.blocks[layer](**kwargs))
         if record:
             cache = next(v for k, v in kwargs.items() if k in CACHE_ARGUMENTS and v is not None)

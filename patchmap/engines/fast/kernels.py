@@ -4,8 +4,8 @@
 - attention in block calls on the CPU: cpu_attention, softmax(Q K^T x scale + mask) V as two batched matrix
   products over all rows and heads, the query heads that share a key/value head (GQA) grouped against it
   rather than its keys and values copied per head (transformers' sdpa path copies them when a mask is given),
-  scores scaled and masked in place. torch's math backend (attention_kernel) scales queries and keys each
-  into a copy and adds a pass for fully masked rows; its CPU flash kernel solves the calls' many small
+  scores scaled and masked in place. torch's math backend scales queries and keys each into a copy and
+  adds a pass for fully masked rows; its CPU flash kernel solves the calls' many small
   problems (a few queries against a few dozen keys) one (row, head) at a time. Registered with
   transformers' AttentionInterface and chosen through the attention's config for the call only;
 - activations: transformers writes the tanh approximation of GELU (gelu_new: GPT-2, GPT-J, Phi; gelu_fast)
@@ -16,7 +16,7 @@
 Both change float32 rounding only: the engines agree within tests/tolerances.py.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,13 +26,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation
 COMPOSED_TANH_GELUS = (NewGELUActivation, FastGELUActivation)
 CPU_ATTENTION = "patchmap_cpu"
 UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")  # attention arguments cpu_attention leaves to sdpa
-
-
-def attention_kernel(device):
-    """The context for a block call's scaled_dot_product_attention (where cpu_attention leaves it to
-    transformers' sdpa function): on the CPU, torch's math backend, 1.5-3x faster on these problems than
-    the CPU flash kernel; elsewhere torch's own choice."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+ATTENTION_FUNCTIONS = AttentionInterface()  # transformers' registry (its functions, and cpu_attention)
 
 
 def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float = None,
@@ -41,11 +35,12 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
     head h reads key/value head h // (H / KV)) with `attention_mask` [R or 1, H or 1, W, K] (boolean:
     allowed; else added): [R, W, H, D], as transformers' attention functions return it, and no weights.
     Dropout, a missing mask, half precision and the arguments in UNHANDLED go to transformers' sdpa
-    function."""
+    function, on torch's math backend (1.5-3x faster on these problems than the CPU flash kernel)."""
     if dropout or attention_mask is None or query.dtype != torch.float32 \
             or any(kwargs.get(name) is not None for name in UNHANDLED):
-        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, is_causal=is_causal, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, is_causal=is_causal, **kwargs)
     rows, heads, width, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -63,7 +58,7 @@ def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.
     return output.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+ATTENTION_FUNCTIONS.register(CPU_ATTENTION, cpu_attention)
 
 
 def swaps(module: torch.nn.Module, device, attention: bool = True) -> list:
