@@ -435,6 +435,38 @@ def test_a_head_that_does_not_reproduce_the_models_logits_is_refused(load_family
         patch_job(model, tokenizer, pairs, acts, ALL_SITES[:1], batch_size=6, engine=engine)
 
 
+@pytest.mark.parametrize("samples", [1, 3])
+def test_runs_that_change_nothing_get_the_targets_own_metrics_without_logits(load_family, pairs_for, samples):
+    """A resid patch at the last layer before the last token leaves the output the clean one: the engine
+    computes no logits for it and gives it the target's own metrics (both KLs and JS exactly 0), as the
+    reference finds; at the last token, or at an earlier layer, the run is computed. With noise samples,
+    every copy of such a run; a job of only such runs computes no patched run's logits."""
+    model, tokenizer = load_family("llama")
+    last_layer = models.n_layers(model) - 1
+    subject, last = (next(s for s in ALL_SITES if s.name == f"resid-{p}") for p in ("subject", "last"))
+    intervention = run_intervention("noise", noise_samples=samples) if samples > 1 else None
+    pairs = pairs_for(model, tokenizer, 6, 1, "noise" if samples > 1 else "swap")
+
+    def sources(sites, layers):
+        def extracted():
+            return extract(model, tokenizer, pairs, sites, layers=layers, batch_size=6)
+        return intervention.sources(pairs, extracted) if intervention else extracted()
+
+    layers = [0, last_layer]
+    _, fast, engine = engines_agree(model, tokenizer, pairs, sources([subject, last], layers), [subject, last],
+                                    layers, batch_size=6, intervention=intervention)
+    unchanged = fast[subject.name].sel(layer=last_layer)
+    for metric in ("js", "kl_patched_target", "kl_target_patched"):
+        assert (unchanged[metric] == 0).all()
+    assert (fast[last.name]["js"].sel(layer=last_layer) > 0).any()
+    assert (fast[subject.name]["js"].sel(layer=0) > 0).any()
+    rows = samples * pairs.sizes["example"]  # clean-run rows: the runs of one site and layer
+    assert engine.stats["head_rows"] == 3 * rows  # 2 sites x 2 layers, but one
+    _, fast, engine = engines_agree(model, tokenizer, pairs, sources([subject], [last_layer]), [subject],
+                                    [last_layer], batch_size=6, intervention=intervention)
+    assert engine.stats["head_rows"] == 0 and (fast[subject.name]["js"] == 0).all()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_only_the_first_clean_run_asks_the_model_for_logits(load_family, pairs_for, family):
     """The engine's head is checked against the model's own logits of its first clean run, at one position

@@ -22,7 +22,9 @@ model's forward; they go through its decoder blocks, called directly, on a sched
   position are computed), and logits are computed only there (final norm and output embedding applied to
   that position's hidden state; Gemma's final softcapping included), for every site and layer of a batch in
   a few large products, the unpatched targets' too (checked against the model's own logits at one position
-  of the engine's first clean run; the model's forward computes no logits in later ones).
+  of the engine's first clean run; the model's forward computes no logits in later ones); a run that
+  changes nothing at the last position (a resid patch at the last layer before the last token) computes
+  nothing at all and gets its target's own metrics (runs.unchanged).
 
 Runs are grouped by how many positions they compute, not by where they start: each row of a block call gets
 its own mask (gathered from the clean run's), positions and prefix cache (padded to the longest prefix, the

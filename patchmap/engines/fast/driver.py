@@ -42,6 +42,7 @@ class Batch:
     samples: int         # copies of each example
     targets: Targets = None  # the unpatched targets' next-token distributions (of their copies' mean), [B, V],
                              # from score(), with the patched runs'
+    own: dict = None         # {metric: [B]}, the targets compared with themselves (own_metrics)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PatchedRuns:
     rows: torch.Tensor    # [R] clean-batch row (example) of each run
     layer_ids: torch.Tensor  # [R] index into the job's layers of each run
     hidden: torch.Tensor  # [R, H]
+    unchanged: torch.Tensor  # [R] bool (CPU): the run's output is the clean one (runs.unchanged)
 
 
 @torch.no_grad()
@@ -139,16 +141,23 @@ def extracted_layers(job: PatchJob, n_layers: int) -> set:
     return available
 
 
+def own_metrics(batch: Batch, base: float) -> dict:
+    """{metric: [B]} of each unpatched target compared with itself: what a run that changes nothing gets
+    (made once per batch, when one needs it)."""
+    if batch.own is None:
+        targets = batch.targets
+        rows = torch.arange(len(targets.logprobs), device=targets.logprobs.device)
+        batch.own = {k: v.cpu().numpy() for k, v in patch_metrics(
+            targets.logprobs.clone(), targets, rows, batch.answers[0], batch.answers[1], base).items()}
+    return batch.own
+
+
 def unpatched(batch: Batch, positions: list, base: float, out: dict) -> None:
     """Examples with nothing to patch at a site (e.g. an empty relation) get the target's own metrics."""
-    targets, answers, a = batch.targets, batch.answers, batch.a
     for e, ps in enumerate(positions):
         if not ps:
-            row = torch.tensor([e], device=targets.logprobs.device)
-            same = patch_metrics(targets.logprobs[e:e + 1].clone(), targets, row, answers[0][e:e + 1],
-                                 answers[1][e:e + 1], base)
-            for k, v in same.items():
-                out[k][a + e, :] = v.cpu().numpy()[0]
+            for k, v in own_metrics(batch, base).items():
+                out[k][batch.a + e, :] = v[e]
 
 
 def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, positions: list, spans: list,
@@ -177,7 +186,7 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
         return len(group.examples) * len(layer_ids) * group.width
 
     out = []
-    for (group, _), (hidden, order) in halving_on_out_of_memory(
+    for (group, _), (hidden, order, unchanged) in halving_on_out_of_memory(
             chunks, run, lambda chunk: schedule.split(chunk, positions, engine.device),
             lambda chunk: f"patching {len(chunk[0].examples) * len(chunk[1])} runs at site {site.label}",
             on_retry=lambda chunk: engine.shrink_budget(tokens_in(chunk))):
@@ -189,7 +198,7 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
             number_of_head = torch.zeros(max(heads) + 1, dtype=torch.long)
             number_of_head[heads] = torch.as_tensor(numbers)
             site_numbers = number_of_head[group.heads.cpu().repeat(len(order))]
-        out.append(PatchedRuns(site_numbers, rows, layer_ids, hidden))
+        out.append(PatchedRuns(site_numbers, rows, layer_ids, hidden, unchanged))
     return out
 
 
@@ -198,15 +207,24 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     layer]}}: the output embedding on chunks of many runs at once (sites and layers together), each chunk's
     logits turned into log-probs and compared with their targets piece by piece while in cache; with noise
     samples, the metrics of each run's copies' mean distribution. The unpatched targets' rows lead the first
-    chunk (one product for theirs and the runs', not a small one of their own); returns the targets."""
+    chunk (one product for theirs and the runs', not a small one of their own); runs whose output is the
+    clean one get their target's own metrics (own_metrics). Returns the targets."""
     answers, a, samples = batch.answers, batch.a, batch.samples
     leading = batch.clean.last_hidden  # [B x samples, H]
     rows, hidden = torch.zeros(0, dtype=torch.long, device=engine.device), leading[:0]
+    same = None  # (site numbers, examples, layer ids) of the runs whose output is the clean one
     if patched:
         site_of = torch.cat([p.site_numbers for p in patched])
         rows = torch.cat([p.rows for p in patched])
         layer_ids = torch.cat([p.layer_ids for p in patched])
         hidden = torch.cat([p.hidden for p in patched])
+        unchanged = torch.cat([p.unchanged for p in patched])
+        if unchanged.any():
+            first_copy = unchanged & (rows.cpu() % samples == 0)
+            same = [x.cpu()[first_copy].numpy() for x in (site_of, rows // samples, layer_ids)]
+            kept = ~unchanged
+            site_of, rows, layer_ids, hidden = (x[kept.to(x.device)] for x in (site_of, rows, layer_ids, hidden))
+    if len(rows):
         site_of, rows, layer_ids, hidden = side_by_side(samples, site_of, rows, layer_ids, hidden)
         by_example = torch.argsort(rows // samples, stable=True)  # one example's runs share its target's row
         site_of, rows, layer_ids = site_of[by_example.cpu()], rows[by_example], layer_ids[by_example]
@@ -244,4 +262,12 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
             mine = sites_here == number
             for k, v in metrics.items():
                 results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]
+    if same is not None:
+        batch.targets = targets  # what own_metrics compares
+        own = own_metrics(batch, job.js_base)
+        sites_same, examples, li_same = same
+        for number in np.unique(sites_same):
+            mine = sites_same == number
+            for k, v in own.items():
+                results[job.sites[number].key][k][a + examples[mine], li_same[mine]] = v[examples[mine]]
     return targets
