@@ -531,7 +531,7 @@ def main():
                     ideal = ref["reference_tflop"] / m["floor_tflop"]
                     speedup = ref["seconds"] / m["seconds"]
                     print(f"  speed-up {speedup:.2f}x; floor-bound ideal (reference FLOPs / floor FLOPs) {ideal:.2f}x: "
-                          f"the fast engine at {100 * speedup / ideal:.0f}% of it")
+                          f"the fast engine at {100 * speedup / ideal:.1f}% of it")
                 for name, other in measured.items():
                     if name.startswith("reference@"):
                         print(f"  fast engine vs {name} (the reference in batches of {name.split('@')[1]}): "
