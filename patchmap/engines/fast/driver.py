@@ -41,7 +41,7 @@ class Batch:
     use_prefix: bool     # whether keys and values were recorded (prefix caches apply)
     samples: int         # copies of each example
     targets: Targets = None  # the unpatched targets' next-token distributions (of their copies' mean), [B, V],
-                             # from score(), with the patched runs'
+                             # set by score(), with the patched runs'
     own: dict = None         # {metric: [B]}, the targets compared with themselves (own_metrics)
 
 
@@ -100,7 +100,7 @@ def run_fast(job: PatchJob, engine: FastEngine = None, **options) -> dict:
                                    use_prefix and engine.spans)
             patched += site_runs(engine, job, batch, numbers, positions=rows, spans=spans, first=first)
         # 4. ... and the logits and metrics of all of them and of the unpatched targets
-        batch.targets = score(engine, job, batch, patched, results)
+        score(engine, job, batch, patched, results)
         target_top = [x.cpu().numpy() for x in batch.targets.top()]
         for site in job.sites:
             unpatched(batch, positions[site.key][a:b], job.js_base, results[site.key])
@@ -202,13 +202,13 @@ def site_runs(engine: FastEngine, job: PatchJob, batch: Batch, numbers: list, po
     return out
 
 
-def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> Targets:
+def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, results: dict) -> None:
     """Logits and metrics of every PatchedRuns of a clean batch, into `results` {site: {metric: [example,
     layer]}}: the output embedding on chunks of many runs at once (sites and layers together), each chunk's
     logits turned into log-probs and compared with their targets piece by piece while in cache; with noise
     samples, the metrics of each run's copies' mean distribution. The unpatched targets' rows lead the first
-    chunk (one product for theirs and the runs', not a small one of their own); runs whose output is the
-    clean one get their target's own metrics (own_metrics). Returns the targets."""
+    chunk (one product for theirs and the runs', not a small one of their own), and become batch.targets;
+    runs whose output is the clean one get their target's own metrics (own_metrics)."""
     answers, a, samples = batch.answers, batch.a, batch.samples
     leading = batch.clean.last_hidden  # [B x samples, H]
     rows, hidden = torch.zeros(0, dtype=torch.long, device=engine.device), leading[:0]
@@ -238,7 +238,8 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         if targets is None:  # [B x samples + step, V] float32, the targets' rows first
             logits = engine.head(torch.cat([leading.to(hidden.device), hidden[part]]))
             # (compared_targets copies them: the head writes into a buffer it reuses)
-            targets = compared_targets(target_logits(engine, batch.clean, logits[:len(leading)]), samples)
+            targets = batch.targets = compared_targets(target_logits(engine, batch.clean, logits[:len(leading)]),
+                                                       samples)
             logits = logits[len(leading):]
         else:
             logits = engine.head(hidden[part])  # [step, V] float32
@@ -263,11 +264,9 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
             for k, v in metrics.items():
                 results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]
     if same is not None:
-        batch.targets = targets  # what own_metrics compares
         own = own_metrics(batch, job.js_base)
         sites_same, examples, li_same = same
         for number in np.unique(sites_same):
             mine = sites_same == number
             for k, v in own.items():
                 results[job.sites[number].key][k][a + examples[mine], li_same[mine]] = v[examples[mine]]
-    return targets
