@@ -233,12 +233,14 @@ def test_the_engines_kernels_compute_its_calls_and_the_model_keeps_its_own(load_
 @pytest.mark.parametrize("heads, kv_heads, mask_heads, boolean, rows_of_mask",
                          [(4, 4, 1, True, "each"), (6, 2, 1, False, "each"), (6, 3, 6, False, "each"),
                           (6, 2, 6, True, "each"), (4, 2, 1, False, "one")])
-def test_cpu_attention_equals_torchs(heads, kv_heads, mask_heads, boolean, rows_of_mask):
+@pytest.mark.parametrize("keys", [7, 20])  # fewer than kernels.FEW_KEYS (softmax_ normalises itself) and more
+def test_cpu_attention_equals_torchs(heads, kv_heads, mask_heads, boolean, rows_of_mask, keys):
     """cpu_attention gives torch's scaled_dot_product_attention, with key/value heads shared by groups of
     query heads, boolean or additive masks for all heads or each, per row or one for all rows."""
-    from patchmap.engines.fast.kernels import cpu_attention
+    from patchmap.engines.fast.kernels import FEW_KEYS, cpu_attention
+    assert (keys < FEW_KEYS) == (keys == 7)
     torch.manual_seed(0)
-    rows, width, keys, dim = 5, 3, 7, 8
+    rows, width, dim = 5, 3, 8
     query = torch.randn(rows, heads, width, dim)
     key, value = torch.randn(2, rows, kv_heads, keys, dim)
     allowed = torch.rand(1 if rows_of_mask == "one" else rows, mask_heads, width, keys) < 0.7
@@ -250,6 +252,39 @@ def test_cpu_attention_equals_torchs(heads, kv_heads, mask_heads, boolean, rows_
         query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.3)
     assert weights is None and got.shape == (rows, width, heads, dim)
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3: sliding windows in every other layer
+def test_the_clean_run_uses_cpu_attention_where_its_scores_are_small(load_family, pairs_for, family, monkeypatch):
+    """The clean run computes its attention with cpu_attention (on sdpa's masks: padding, sliding windows)
+    where its scores [batch, heads, T, T] are at most SMALL_SCORES, else with the model's own; the numbers
+    agree with the reference engine either way."""
+    from transformers import AttentionInterface
+    from patchmap.engines.fast import clean, kernels
+    model, tokenizer = load_family(family)
+    pairs = pairs_for(model, tokenizer, examples=6, seed=2)
+    sites = ALL_SITES[:2]
+    sources = extract(model, tokenizer, pairs, sites, batch_size=3)
+    calls = {"all": 0, "clean": 0}
+
+    def attention(*args, **kwargs):
+        calls["all"] += 1
+        return kernels.cpu_attention(*args, **kwargs)
+    monkeypatch.setitem(AttentionInterface._global_mapping, kernels.CPU_ATTENTION, attention)
+    clean_run = FastEngine.clean_run
+
+    def counting_clean_run(engine, *args, **kwargs):
+        before = calls["all"]
+        try:
+            return clean_run(engine, *args, **kwargs)
+        finally:
+            calls["clean"] += calls["all"] - before
+    monkeypatch.setattr(FastEngine, "clean_run", counting_clean_run)
+    for limit, per_clean_run in ((kernels.SMALL_SCORES, models.n_layers(model)), (0, 0)):
+        monkeypatch.setattr(clean, "SMALL_SCORES", limit)
+        calls.update(all=0, clean=0)
+        engines_agree(model, tokenizer, pairs, sources, sites, batch_size=3)
+        assert calls["clean"] == 2 * per_clean_run and calls["all"] > calls["clean"], (limit, calls)  # 2 batches
 
 
 def test_cpu_attention_leaves_what_it_does_not_handle_to_sdpa(monkeypatch):
