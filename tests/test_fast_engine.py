@@ -254,39 +254,6 @@ def test_cpu_attention_equals_torchs(heads, kv_heads, mask_heads, boolean, rows_
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3: sliding windows in every other layer
-def test_the_clean_run_uses_cpu_attention_where_its_scores_are_small(load_family, pairs_for, family, monkeypatch):
-    """The clean run computes its attention with cpu_attention (on sdpa's masks: padding, sliding windows)
-    where its scores [batch, heads, T, T] are at most SMALL_SCORES, else with the model's own; the numbers
-    agree with the reference engine either way."""
-    from transformers import AttentionInterface
-    from patchmap.engines.fast import clean, kernels
-    model, tokenizer = load_family(family)
-    pairs = pairs_for(model, tokenizer, examples=6, seed=2)
-    sites = ALL_SITES[:2]
-    sources = extract(model, tokenizer, pairs, sites, batch_size=3)
-    calls = {"all": 0, "clean": 0}
-
-    def attention(*args, **kwargs):
-        calls["all"] += 1
-        return kernels.cpu_attention(*args, **kwargs)
-    monkeypatch.setitem(AttentionInterface._global_mapping, kernels.CPU_ATTENTION, attention)
-    clean_run = FastEngine.clean_run
-
-    def counting_clean_run(engine, *args, **kwargs):
-        before = calls["all"]
-        try:
-            return clean_run(engine, *args, **kwargs)
-        finally:
-            calls["clean"] += calls["all"] - before
-    monkeypatch.setattr(FastEngine, "clean_run", counting_clean_run)
-    for limit, per_clean_run in ((kernels.SMALL_SCORES, models.n_layers(model)), (0, 0)):
-        monkeypatch.setattr(clean, "SMALL_SCORES", limit)
-        calls.update(all=0, clean=0)
-        engines_agree(model, tokenizer, pairs, sources, sites, batch_size=3)
-        assert calls["clean"] == 2 * per_clean_run and calls["all"] > calls["clean"], (limit, calls)  # 2 batches
-
-
 def test_cpu_attention_leaves_what_it_does_not_handle_to_sdpa(monkeypatch):
     """A missing mask, half precision and soft-capping go to transformers' sdpa function."""
     from transformers import AttentionInterface

@@ -33,7 +33,7 @@ quarter of their positions (schedule.PADDING: padded positions are masked as key
 MLPs do not run; fewer, larger calls). Where the model's own kernels are slow for these calls, the engine's
 own compute instead (kernels.py): on the CPU, a block call's attention is two batched matrix products over
 every row and head (cpu_attention: the CPU flash kernel solves the calls' many small problems, a few queries
-against a few dozen keys, one at a time; the clean run's too where its scores are small), and the tanh GELU that transformers composes of five elementwise
+against a few dozen keys, one at a time), and the tanh GELU that transformers composes of five elementwise
 operations (gelu_new: GPT-2, GPT-J, Phi) is torch's fused one, in the block calls and the clean run. Each
 site's runs have calls of their own, so that a site's numbers do not depend on the other sites of its job.
 Runs are chunked to a budget of (runs x suffix positions) per block call; an out-of-memory error (CUDA or

@@ -94,10 +94,9 @@ class FastEngine:
         self.block_devices = [models.module_device(b) for b in self.blocks]
         self.final_norm_devices = [models.module_device(m) for m in self.final_norms]
         self.output_device = models.output_device(model)
-        # the engine's kernels (kernels.swaps): for each block call, and for the clean run (its attention
-        # only where the scores are small: clean.clean_swaps)
+        # the engine's kernels (kernels.swaps): for each block call, and for the clean run (not its attention)
         self.block_swaps = [swaps(b, d) for b, d in zip(self.blocks, self.block_devices)]
-        self.clean_swaps = {attention: swaps(model, self.device, attention) for attention in (False, True)}
+        self.clean_swaps = swaps(model, self.device, attention=False)
         self.output_head = OutputHead(model, self.final_norms, self.final_norm_devices, self.output_device,
                                       getattr(self.config, "final_logit_softcapping", None))
         self.dtype = next(model.parameters()).dtype

@@ -10,9 +10,8 @@ from accelerate.utils import send_to_device
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ...models import head_shape
 from ..hooks import check_finite, hooks, input_hook, noise_hooks, only_rows, output_tensor, pad_batch
-from .kernels import SMALL_SCORES, computing
+from .kernels import computing
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -91,7 +90,7 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     recording = {engine.cache_keyword: cache} if engine.cache_keyword else {}
     checked_row = None if engine.head_checked else int((lengths == ids.shape[1]).nonzero()[0, 0])
     logit_positions = [(engine.model.get_output_embeddings(), last_position_of(checked_row), "pre")]
-    with hooks(recorders + row_hooks + logit_positions), computing(clean_swaps(engine, ids.shape)):
+    with hooks(recorders + row_hooks + logit_positions), computing(engine.clean_swaps):
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **recording).logits
     engine.stats["clean_tokens"] += ids.numel()
@@ -105,14 +104,6 @@ def record_clean_run(engine, sequences: list, pad_id: int, noise=None) -> CleanR
     model_logits = None if checked_row is None else logits[0, -1:].float().to(engine.output_device)  # [1, V]
     return CleanRun(lengths, inputs, output, [a[1] for a in arguments], [a[0] for a in arguments],
                     cache.recorded, last_hidden, checked_row, model_logits)
-
-
-def clean_swaps(engine, shape: tuple) -> list:
-    """The kernel swaps for a clean run of a padded batch of `shape` [B, T]: with the block calls'
-    attention where its scores [B, heads, T, T] are small (SMALL_SCORES), else the model's own (torch's
-    flash kernel on the CPU, which holds no scores)."""
-    batch, width = shape
-    return engine.clean_swaps[batch * head_shape(engine.model)[0] * width * width <= SMALL_SCORES]
 
 
 def last_position_of(row):

@@ -1,11 +1,10 @@
 """Which kernels the fast engine's computations run on, where the model's own choice is slow for them
 (`swaps`: what to put in place for a block call or the clean run; `computing`: the context that does):
 
-- attention on the CPU, in block calls and in clean runs whose scores are small (SMALL_SCORES): cpu_attention,
-  softmax(Q K^T x scale + mask) V as two batched matrix products over all rows and heads, the query heads
-  that share a key/value head (GQA) grouped against it rather than its keys and values copied per head
-  (transformers' sdpa path copies them when a mask is given), scores scaled, masked and (over fewer keys
-  than FEW_KEYS) normalised in place. torch's math backend scales queries and keys each into a copy and
+- attention in block calls on the CPU: cpu_attention, softmax(Q K^T x scale + mask) V as two batched matrix
+  products over all rows and heads, the query heads that share a key/value head (GQA) grouped against it
+  rather than its keys and values copied per head (transformers' sdpa path copies them when a mask is given),
+  scores scaled, masked and (over fewer keys than FEW_KEYS) normalised in place. torch's math backend scales queries and keys each into a copy and
   adds a pass for fully masked rows; its CPU flash kernel solves the calls' many small
   problems (a few queries against a few dozen keys) one (row, head) at a time. Registered with
   transformers' AttentionInterface and chosen through the attention's config for the call only;
@@ -23,13 +22,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.activations import FastGELUActivation, NewGELUActivation
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 COMPOSED_TANH_GELUS = (NewGELUActivation, FastGELUActivation)
 CPU_ATTENTION = "patchmap_cpu"
 UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")  # attention arguments cpu_attention leaves to sdpa
 ATTENTION_FUNCTIONS = AttentionInterface()  # transformers' registry (its functions, and cpu_attention)
-SMALL_SCORES = 1 << 24  # attention scores (float32, 64 MB) up to which the clean run uses cpu_attention
 FEW_KEYS = 16  # cpu_attention normalises scores over fewer keys than this itself (softmax_)
 
 
@@ -73,9 +70,6 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
 
 
 ATTENTION_FUNCTIONS.register(CPU_ATTENTION, cpu_attention)
-# the model's forward builds masks per attention implementation, none for one it does not know: cpu_attention
-# takes sdpa's (padding, causal, sliding windows), whose fallback (no mask) it hands to sdpa itself
-AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
 
 
 def swaps(module: torch.nn.Module, device, attention: bool = True) -> list:
