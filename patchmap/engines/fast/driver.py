@@ -257,16 +257,17 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
             site = job.sites[int(site_of[run])]
             return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[run])]}"
         report_non_finite(metrics, where)
-        sites_here = site_of[part].numpy()
-        ex_index, li_index = a + here.cpu().numpy(), layer_ids[part].cpu().numpy()
-        for number in np.unique(sites_here):
-            mine = sites_here == number
-            for k, v in metrics.items():
-                results[job.sites[number].key][k][ex_index[mine], li_index[mine]] = v[mine]
+        store(results, job, site_of[part].numpy(), a + here.cpu().numpy(), layer_ids[part].cpu().numpy(), metrics)
     if same is not None:
-        own = own_metrics(batch, job.js_base)
         sites_same, examples, li_same = same
-        for number in np.unique(sites_same):
-            mine = sites_same == number
-            for k, v in own.items():
-                results[job.sites[number].key][k][a + examples[mine], li_same[mine]] = v[examples[mine]]
+        own = {k: v[examples] for k, v in own_metrics(batch, job.js_base).items()}
+        store(results, job, sites_same, a + examples, li_same, own)
+
+
+def store(results: dict, job: PatchJob, site_numbers, examples, layer_ids, metrics: dict) -> None:
+    """Runs' metrics {metric: [R]} into `results` {site: {metric: [example, layer]}}, run i at site
+    job.sites[site_numbers[i]], example examples[i] and layer index layer_ids[i] (arrays [R])."""
+    for number in np.unique(site_numbers):
+        mine = site_numbers == number
+        for k, v in metrics.items():
+            results[job.sites[number].key][k][examples[mine], layer_ids[mine]] = v[mine]

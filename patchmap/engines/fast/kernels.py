@@ -4,10 +4,10 @@
 - attention in block calls on the CPU: cpu_attention, softmax(Q K^T x scale + mask) V as two batched matrix
   products over all rows and heads, the query heads that share a key/value head (GQA) grouped against it
   rather than its keys and values copied per head (transformers' sdpa path copies them when a mask is given),
-  scores scaled, masked and (over fewer keys than FEW_KEYS) normalised in place. torch's math backend scales queries and keys each into a copy and
-  adds a pass for fully masked rows; its CPU flash kernel solves the calls' many small
-  problems (a few queries against a few dozen keys) one (row, head) at a time. Registered with
-  transformers' AttentionInterface and chosen through the attention's config for the call only;
+  scores scaled, masked and (over fewer keys than FEW_KEYS) normalised in place. torch's math backend scales
+  queries and keys each into a copy and adds a pass for fully masked rows; its CPU flash kernel solves the
+  calls' many small problems (a few queries against a few dozen keys) one (row, head) at a time. Registered
+  with transformers' AttentionInterface and chosen through the attention's config for the call only;
 - activations: transformers writes the tanh approximation of GELU (gelu_new: GPT-2, GPT-J, Phi; gelu_fast)
   as five elementwise operations, each a pass over the MLP's widest activation; torch's GELU with
   approximate="tanh" computes the same function in one. transformers calls its own fused version
@@ -63,7 +63,7 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
     """Softmax along the last axis of `scores`, in place where that axis is shorter than FEW_KEYS: there
     torch's CPU softmax ran 5-13x slower than these four passes (torch 2.13, AVX-512; 4 to 12 keys), and
     at 16 keys or more 2x faster."""
-    if scores.shape[-1] >= FEW_KEYS or scores.device.type != "cpu":
+    if scores.shape[-1] >= FEW_KEYS:
         return torch.softmax(scores, dim=-1)
     scores = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(-1, keepdim=True))
