@@ -464,6 +464,7 @@ def test_runs_that_change_nothing_get_the_targets_own_metrics_without_logits(loa
     assert (fast[subject.name]["js"].sel(layer=0) > 0).any()
     rows = samples * pairs.sizes["example"]  # clean-run rows: the runs of one site and layer
     assert engine.stats["head_rows"] == 3 * rows  # 2 sites x 2 layers, but one
+    assert engine.stats["target_head_rows"] == rows  # the unpatched targets' own, once
     _, fast, engine = engines_agree(model, tokenizer, pairs, sources([subject], [last_layer]), [subject],
                                     [last_layer], batch_size=6, intervention=intervention)
     assert engine.stats["head_rows"] == 0 and (fast[subject.name]["js"] == 0).all()

@@ -237,6 +237,7 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         part = slice(c, c + step)
         if targets is None:  # [B x samples + step, V] float32, the targets' rows first
             logits = engine.head(torch.cat([leading.to(hidden.device), hidden[part]]))
+            engine.stats["target_head_rows"] += len(leading)
             # (compared_targets copies them: the head writes into a buffer it reuses)
             targets = batch.targets = compared_targets(target_logits(engine, batch.clean, logits[:len(leading)]),
                                                        samples)
