@@ -513,9 +513,10 @@ def main():
                              m["peak_mb"] - m["before_mb"], agree))
             if "fast" in measured:
                 m = measured["fast"]
+                head_rows = m['stats'].get('head_rows', 0) + m['stats'].get('target_head_rows', 0)
                 print(f"  block x position evaluations: reference {m['reference_work']}, fast {m['fast_work']} "
                       f"(of which {m['mlp_work']} through the MLP; {m['stats'].get('block_calls', 0)} block calls, "
-                      f"{m['stats'].get('head_rows', 0) + m['stats'].get('target_head_rows', 0)} output-embedding rows): "
+                      f"{head_rows} output-embedding rows): "
                       f"{m['reference_work'] / m['fast_work']:.1f}x fewer; mean prompt {m['prompt_tokens']:.1f} tokens")
                 ref = measured.get("reference")
                 if ref:

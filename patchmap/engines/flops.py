@@ -32,8 +32,8 @@ def fast_flops(model, stats, clean_positions_sq):
     """The fast engine's schedule: attention projections for every position computed (the query and output
     projections, where they are modules of their own, only where the attention output is read), the MLP
     where it ran (the last block's at the last position only), attention scores, the output embedding for
-    each run, each unpatched target and the clean runs' kept positions, and the clean runs' blocks (attention at every position of
-    the padded batch, the MLP where it ran)."""
+    each run, each unpatched target and the clean runs' kept positions, and the clean runs' blocks
+    (attention at every position of the padded batch, the MLP where it ran)."""
     attention, mlp = block_parameters(model)
     query_output = _query_output_parameters(model)
     vocab, width = _vocabulary_and_width(model)
