@@ -4,7 +4,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
-from patchmap.metrics import ROWS, Targets, js_divergence, kl_divergence, patch_metrics, pieces, top_k
+from patchmap.metrics import (ROWS, Targets, equal_slices, js_divergence, kl_divergence, patch_metrics, pieces,
+                              top_k)
 
 
 def random_logprobs(n, vocab, seed, sharpness=1.0):
@@ -107,6 +108,15 @@ def test_runs_of_one_target_side_by_side_compare_as_runs_in_any_order():
     assert all(target is None for _, target in pieces(rows[mixed]))
     for k, v in side_by_side.items():
         assert torch.equal(v[mixed], shuffled[k]), k
+
+
+@pytest.mark.parametrize("runs", [1, ROWS, ROWS + 1, 2 * ROWS + 3, 35, 100])
+def test_a_stretch_of_runs_is_cut_into_the_fewest_equal_pieces(runs):
+    parts = equal_slices(7, 7 + runs)
+    sizes = [part.stop - part.start for part in parts]
+    assert parts[0].start == 7 and parts[-1].stop == 7 + runs
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert len(parts) == -(-runs // ROWS) and max(sizes) <= ROWS and max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("vocab", [115, 1000, 32000, 50257])
