@@ -13,6 +13,7 @@ from patch_runs import ALL_SITES, HEAD_SITES, engines_agree, extract, patch_job,
 from patchmap import models, synthetic
 from patchmap.builtin import word_tokenizer
 from patchmap.engines.fast.blocks import FastEngine
+from patchmap.engines.fast import driver
 from patchmap.engines.fast.driver import run_fast
 from patchmap.engines.memory import is_out_of_memory
 from patchmap.engines import flops
@@ -468,6 +469,25 @@ def test_runs_that_change_nothing_get_the_targets_own_metrics_without_logits(loa
     _, fast, engine = engines_agree(model, tokenizer, pairs, sources([subject], [last_layer]), [subject],
                                     [last_layer], batch_size=6, intervention=intervention)
     assert engine.stats["head_rows"] == 0 and (fast[subject.name]["js"] == 0).all()
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_runs_scored_in_several_output_embedding_calls_get_the_references_numbers(load_family, pairs_for, samples,
+                                                                                  monkeypatch):
+    """A clean batch whose runs do not fit one output-embedding call (driver.HEAD_ROWS) is scored in equal
+    chunks: the unpatched targets' rows lead the first, and each chunk's runs (with noise samples, all
+    copies of a run in one chunk) are compared with their own targets."""
+    model, tokenizer = load_family("llama")
+    intervention = run_intervention("noise", noise_samples=samples) if samples > 1 else None
+    pairs = pairs_for(model, tokenizer, 6, 1, "noise" if samples > 1 else "swap")
+    sites, layers = ALL_SITES[:2], [0, 1]
+    acts = extract(model, tokenizer, pairs, sites, layers=layers, batch_size=6)
+    sources = intervention.sources(pairs, lambda: acts) if intervention else acts
+    monkeypatch.setattr(driver, "HEAD_ROWS", 5 * samples)
+    _, _, engine = engines_agree(model, tokenizer, pairs, sources, sites, layers, batch_size=6,
+                                 intervention=intervention)
+    runs = len(sites) * len(layers) * pairs.sizes["example"] * samples
+    assert engine.stats["head_rows"] == runs and engine.stats["head_calls"] == -(-runs // (5 * samples))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

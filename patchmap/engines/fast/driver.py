@@ -245,6 +245,7 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         else:
             logits = engine.head(hidden[part])  # [step, V] float32
         engine.stats["head_rows"] += logits.shape[0]
+        engine.stats["head_calls"] += 1
         if not len(logits):
             break
         compared_runs, is_logits = compared(logits, samples)  # a row per run
