@@ -26,7 +26,7 @@ from .clean import CleanRun, target_logits
 log = logging.getLogger(__name__)
 
 HEAD_ROWS = 4096         # patched runs per output-embedding call, at most
-HEAD_ELEMENTS = 1 << 25  # and logits per call (128 MB in float32)
+HEAD_ELEMENTS = 1 << 26  # and logits per call (256 MB in float32)
 
 
 @dataclass
