@@ -137,7 +137,7 @@ def pieces(rows: torch.Tensor) -> list:
 def equal_slices(a: int, b: int) -> list:
     """[a, b) in as few slices of at most ROWS as fit, their sizes differing by one at most."""
     count = -(-(b - a) // ROWS)
-    cuts = [a + (b - a) * i // count for i in range(count + 1)]
+    cuts = [a + (b - a) * i // count for i in range(count + 1)] if count else []
     return [slice(c, d) for c, d in zip(cuts, cuts[1:])]
 
 

@@ -110,8 +110,17 @@ def test_runs_of_one_target_side_by_side_compare_as_runs_in_any_order():
         assert torch.equal(v[mixed], shuffled[k]), k
 
 
+def test_no_runs_get_no_metrics():
+    targets = Targets(random_logprobs(2, 1000, 5))
+    none = torch.zeros(0, dtype=torch.long)
+    for logits in (False, True):
+        metrics = patch_metrics(torch.zeros(0, 1000), targets, none, none, none, logits=logits)
+        assert metrics and all(len(v) == 0 for v in metrics.values())
+
+
 @pytest.mark.parametrize("runs", [1, ROWS, ROWS + 1, 2 * ROWS + 3, 35, 100])
 def test_a_stretch_of_runs_is_cut_into_the_fewest_equal_pieces(runs):
+    assert equal_slices(7, 7) == []
     parts = equal_slices(7, 7 + runs)
     sizes = [part.stop - part.start for part in parts]
     assert parts[0].start == 7 and parts[-1].stop == 7 + runs
