@@ -44,7 +44,7 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor, base: float = 2.0) -> 
     shape = logp.shape[:-1]
     logp, logq = logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])
     targets, rows = Targets(logq), torch.arange(len(logq), device=logq.device)
-    js = [_divergences(logp[a:a + ROWS], targets, rows[a:a + ROWS], base)[0] for a in range(0, len(logp), ROWS)]
+    js = [_divergences(logp[part], targets, rows[part], base)[0] for part in equal_slices(0, len(logp))]
     return (torch.cat(js) if js else logp.new_zeros(0)).reshape(shape)
 
 
@@ -124,7 +124,7 @@ def pieces(rows: torch.Tensor) -> list:
     """(slice, target) of each piece of runs whose targets are `rows`: where runs of one target lie side by
     side (SHARED of them on average or more), pieces of one target's runs, `target` its row, read in place;
     else pieces of all runs, target None (each run's target row is copied). Either way a stretch of runs is
-    cut into as few pieces of at most ROWS as fit, of equal size (100 runs: 33, 33 and 34, not 48, 48 and 4,
+    cut into as few pieces of at most ROWS as fit, of equal size (100 runs: 34, 33 and 33, not 48, 48 and 4,
     whose small piece costs as many operations for a twelfth of the work)."""
     row_list = rows.tolist()
     starts = [0] + [i for i in range(1, len(row_list)) if row_list[i] != row_list[i - 1]]
@@ -134,10 +134,11 @@ def pieces(rows: torch.Tensor) -> list:
     return [(part, row_list[a]) for a, b in zip(starts, ends) for part in equal_slices(a, b)]
 
 
-def equal_slices(a: int, b: int) -> list:
-    """[a, b) in as few slices of at most ROWS as fit, their sizes differing by one at most."""
-    count = -(-(b - a) // ROWS)
-    cuts = [a + (b - a) * i // count for i in range(count + 1)] if count else []
+def equal_slices(a: int, b: int, most: int = ROWS) -> list:
+    """[a, b) in as few slices of at most `most` as fit, their sizes differing by one at most, the larger
+    first (so that a buffer made for the first slice holds the others)."""
+    count = -(-(b - a) // most)
+    cuts = [a - (-(b - a) * i // count) for i in range(count + 1)] if count else []
     return [slice(c, d) for c, d in zip(cuts, cuts[1:])]
 
 

@@ -126,6 +126,7 @@ def test_a_stretch_of_runs_is_cut_into_the_fewest_equal_pieces(runs):
     assert parts[0].start == 7 and parts[-1].stop == 7 + runs
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
     assert len(parts) == -(-runs // ROWS) and max(sizes) <= ROWS and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the largest first: the workspace made for it holds the rest
 
 
 @pytest.mark.parametrize("vocab", [115, 1000, 32000, 50257])

@@ -4,7 +4,6 @@ over every run of the batch for the logits and metrics. With noise samples (patc
 batch's rows are the copies of its examples, and the metrics are those of the copies' mean distribution."""
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 from ...encoding import token_lists
 from ...errors import UserError
 from ...job import PatchJob, touched_layers, window_layers
-from ...metrics import Targets, patch_metrics
+from ...metrics import Targets, equal_slices, patch_metrics
 from ...sites import site_positions
 from ..hooks import report_non_finite
 from ..memory import halve_range, halving_on_out_of_memory
@@ -231,11 +230,11 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
         hidden = hidden[by_example.to(hidden.device)]
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     n_runs, most = len(rows) // samples, max(1, min(HEAD_ROWS, HEAD_ELEMENTS // vocab) // samples)
-    step = samples * math.ceil(n_runs / math.ceil(n_runs / most)) if n_runs else 1  # as few equal chunks as fit
     targets = None
-    for c in range(0, max(len(rows), 1), step):
-        part = slice(c, c + step)
-        if targets is None:  # [B x samples + step, V] float32, the targets' rows first
+    for chunk in equal_slices(0, n_runs, most) or [slice(0, 0)]:  # with no runs, the targets' rows alone
+        c = chunk.start * samples
+        part = slice(c, chunk.stop * samples)
+        if targets is None:  # [B x samples + chunk, V] float32, the targets' rows first
             logits = engine.head(torch.cat([leading.to(hidden.device), hidden[part]]))
             engine.stats["target_head_rows"] += len(leading)
             # (compared_targets copies them: the head writes into a buffer it reuses)
@@ -243,13 +242,13 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
                                                        samples)
             logits = logits[len(leading):]
         else:
-            logits = engine.head(hidden[part])  # [step, V] float32
+            logits = engine.head(hidden[part])  # [chunk, V] float32
         engine.stats["head_rows"] += logits.shape[0]
         engine.stats["head_calls"] += 1
         if not len(logits):
             break
         compared_runs, is_logits = compared(logits, samples)  # a row per run
-        part = slice(c, c + step, samples)
+        part = slice(c, part.stop, samples)
         here = rows[part].to(logits.device) // samples
         metrics = {k: v.cpu().numpy() for k, v in patch_metrics(
             compared_runs, targets, here, answers[0][here], answers[1][here], job.js_base, logits=is_logits).items()}
