@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from cli import non_negative, positive
-from patchmap.engines.flops import fast_flops, floor_flops, padded_batches, reference_flops
+from patchmap.engines.flops import fast_flops, floor_flops, output_embedding_rows, padded_batches, reference_flops
 
 SITES = {
     "subj": {"label": "Subj.", "component": "resid", "positions": "subject"},
@@ -513,10 +513,9 @@ def main():
                              m["peak_mb"] - m["before_mb"], agree))
             if "fast" in measured:
                 m = measured["fast"]
-                head_rows = m['stats'].get('head_rows', 0) + m['stats'].get('target_head_rows', 0)
                 print(f"  block x position evaluations: reference {m['reference_work']}, fast {m['fast_work']} "
                       f"(of which {m['mlp_work']} through the MLP; {m['stats'].get('block_calls', 0)} block calls, "
-                      f"{head_rows} output-embedding rows): "
+                      f"{output_embedding_rows(m['stats'])} output-embedding rows): "
                       f"{m['reference_work'] / m['fast_work']:.1f}x fewer; mean prompt {m['prompt_tokens']:.1f} tokens")
                 ref = measured.get("reference")
                 if ref:

@@ -28,6 +28,12 @@ def _query_output_parameters(model):
     return sum(_matrix_parameters(module) for module in models.attention_output_modules(model, 0))
 
 
+def output_embedding_rows(stats):
+    """The fast engine's output-embedding rows (FastEngine.stats): the patched runs' and the unpatched
+    targets'."""
+    return stats["head_rows"] + stats["target_head_rows"]
+
+
 def fast_flops(model, stats, clean_positions_sq):
     """The fast engine's schedule: attention projections for every position computed (the query and output
     projections, where they are modules of their own, only where the attention output is read), the MLP
@@ -38,10 +44,9 @@ def fast_flops(model, stats, clean_positions_sq):
     query_output = _query_output_parameters(model)
     vocab, width = _vocabulary_and_width(model)
     layers, hidden = models.n_layers(model), model.config.hidden_size
-    head_rows = stats["head_rows"] + stats["target_head_rows"]  # the runs' rows and the unpatched targets'
     patched = 2 * (attention - query_output) * stats["block_tokens"] \
         + 2 * query_output * stats["query_output_tokens"] + 2 * mlp * stats["mlp_tokens"] \
-        + 4 * hidden * stats["attention_scores"] + 2 * width * vocab * head_rows
+        + 4 * hidden * stats["attention_scores"] + 2 * width * vocab * output_embedding_rows(stats)
     clean = 2 * (attention - query_output) * layers * stats["clean_tokens"] \
         + 2 * query_output * stats["clean_query_output_tokens"] + 2 * mlp * stats["clean_mlp_tokens"] \
         + 4 * hidden * layers * clean_positions_sq + 2 * width * vocab * stats["clean_logit_rows"]

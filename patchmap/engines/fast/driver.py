@@ -233,23 +233,22 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
     targets = None
     for chunk in equal_slices(0, n_runs, most) or [slice(0, 0)]:  # with no runs, the targets' rows alone
         c = chunk.start * samples
-        part = slice(c, chunk.stop * samples)
+        chunk_rows, first_copies = slice(c, chunk.stop * samples), slice(c, chunk.stop * samples, samples)
         if targets is None:  # [B x samples + chunk, V] float32, the targets' rows first
-            logits = engine.head(torch.cat([leading.to(hidden.device), hidden[part]]))
+            logits = engine.head(torch.cat([leading.to(hidden.device), hidden[chunk_rows]]))
             engine.stats["target_head_rows"] += len(leading)
             # (compared_targets copies them: the head writes into a buffer it reuses)
             targets = batch.targets = compared_targets(target_logits(engine, batch.clean, logits[:len(leading)]),
                                                        samples)
             logits = logits[len(leading):]
         else:
-            logits = engine.head(hidden[part])  # [chunk, V] float32
+            logits = engine.head(hidden[chunk_rows])  # [chunk, V] float32
         engine.stats["head_rows"] += logits.shape[0]
         engine.stats["head_calls"] += 1
         if not len(logits):
             break
         compared_runs, is_logits = compared(logits, samples)  # a row per run
-        part = slice(c, part.stop, samples)
-        here = rows[part].to(logits.device) // samples
+        here = rows[first_copies].to(logits.device) // samples
         metrics = {k: v.cpu().numpy() for k, v in patch_metrics(
             compared_runs, targets, here, answers[0][here], answers[1][here], job.js_base, logits=is_logits).items()}
 
@@ -258,7 +257,8 @@ def score(engine: FastEngine, job: PatchJob, batch: Batch, patched: list, result
             site = job.sites[int(site_of[run])]
             return f" at site {site.label} ({site.component}@{site.positions}), layer {job.layers[int(layer_ids[run])]}"
         report_non_finite(metrics, where)
-        store(results, job, site_of[part].numpy(), a + here.cpu().numpy(), layer_ids[part].cpu().numpy(), metrics)
+        store(results, job, site_of[first_copies].numpy(), a + here.cpu().numpy(),
+              layer_ids[first_copies].cpu().numpy(), metrics)
     if same is not None:
         sites_same, examples, li_same = same
         own = {k: v[examples] for k, v in own_metrics(batch, job.js_base).items()}
